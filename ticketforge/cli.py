@@ -1,0 +1,145 @@
+"""The command line: a thin layer over ticketforge.pipeline and friends.
+
+Exit codes (a contract): 0 success, 1 a verification or gate check failed (report written),
+2 bad usage or bad input (one line, no traceback unless --debug)."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ticketforge import __version__, recipe as recipes
+from ticketforge.errors import UserError
+from ticketforge.ui import UI
+
+
+def guarded(fn):
+    """Turn our errors into one line and an exit code; tracebacks only with --debug."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug", False)
+        ui = UI()
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            if debug:
+                raise
+            ui.error(str(exc))
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            ui.error("interrupted; nothing was written to the output folder")
+            sys.exit(130)
+        except Exception as exc:  # a bug of ours: still one line unless --debug
+            if debug:
+                raise
+            ui.error(f"{type(exc).__name__}: {exc} (internal error; run with --debug for the traceback)")
+            sys.exit(2)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ticketforge")
+def cli():
+    """ticketforge: find a winning ticket in a trained model, make it small and fast, export and prove it."""
+
+
+def parse_kwargs(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--arch-kwargs is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise UserError("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+    return value
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--recipe", "recipe_name", required=True, help="built-in recipe name or YAML path")
+@click.option("--data", help="digits, a .npz file, or package.module:callable (default: what the checkpoint says)")
+@click.option("--arch", help="built-in model name or package.module:callable")
+@click.option("--arch-kwargs", help="JSON object of keyword arguments for --arch")
+@click.option("--sparsity", type=float, help="fraction of prunable weights removed (search.sparsity)")
+@click.option("--epochs", type=int, help="fine-tune epochs (finetune.epochs)")
+@click.option("--set", "sets", multiple=True, metavar="KEY.PATH=VALUE", help="override any recipe key")
+@click.option("--out", type=click.Path(path_type=Path), help="output folder (default exported/<model>-<recipe>)")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--val-fraction", type=float, default=0.1, show_default=True,
+              help="held-out fraction when the data has no validation split")
+@click.option("--trust-pickle", is_flag=True, help="allow loading a pickled nn.Module (runs code from the file)")
+@click.option("--force", is_flag=True, help="replace an existing output folder")
+@click.option("--quiet", is_flag=True, help="no progress output")
+@click.option("--json", "as_json", is_flag=True, help="print report.json on stdout")
+@click.option("--debug", is_flag=True, help="show tracebacks")
+@guarded
+def compress(model, recipe_name, data, arch, arch_kwargs, sparsity, epochs, sets, out, device, seed, val_fraction,
+             trust_pickle, force, quiet, as_json, debug):
+    """Compress MODEL with a recipe: search, fine-tune, convert, export, validate."""
+    from ticketforge.pipeline import Job, compress as run_compress
+
+    recipe = recipes.resolve(recipe_name, list(sets), sparsity=sparsity, epochs=epochs)
+    job = Job(model_path=model, recipe=recipe, data=data, out=out, arch=arch, arch_kwargs=parse_kwargs(arch_kwargs),
+              trust_pickle=trust_pickle, device=device, seed=seed, force=force, val_fraction=val_fraction,
+              ui=UI(quiet=quiet))
+    report = run_compress(job)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=float))
+
+
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("exported/demo-cts"), show_default=True,
+              help="output folder of the compressed demo model")
+@click.option("--model-out", type=click.Path(path_type=Path), default=Path("exported/demo.pt"), show_default=True,
+              help="where the trained dense demo model is saved")
+@click.option("--recipe", "recipe_name", default="cts", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="replace existing outputs")
+@click.option("--quiet", is_flag=True)
+@click.option("--debug", is_flag=True)
+@guarded
+def demo(out, model_out, recipe_name, seed, force, quiet, debug):
+    """Train the built-in model on scikit-learn's digits, then compress it (a few minutes on a CPU)."""
+    from ticketforge.demo import train_demo_model
+    from ticketforge.pipeline import Job, compress as run_compress
+
+    for path in (out, model_out):
+        if path.exists() and not force:
+            raise UserError(f"{path} already exists; pass --force to replace it")
+    recipe = recipes.resolve(recipe_name)
+    ui = UI(quiet=quiet)
+    train_demo_model(model_out, seed=seed, ui=ui)
+    ui.log(f"next, the same as: ticketforge compress {model_out} --recipe {recipe_name} --out {out}")
+    run_compress(Job(model_path=model_out, recipe=recipe, out=out, seed=seed, force=force, ui=ui))
+
+
+@cli.command("recipes")
+@click.argument("name", required=False)
+@click.option("--debug", is_flag=True)
+@guarded
+def list_recipes(name, debug):
+    """List the built-in recipes, or print one."""
+    if name:
+        click.echo(recipes.builtin_text(name), nl=False)
+        return
+    for n in recipes.builtin_names():
+        r = recipes.resolve(n)
+        click.echo(f"{n:<20} {r.description}")
+
+
+@cli.command("models")
+def list_models():
+    """List the built-in architectures (for --arch)."""
+    from ticketforge.models import MODELS
+
+    for name, fn in sorted(MODELS.items()):
+        click.echo(f"{name:<20} {(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else ''}")
+
+
+def main():
+    cli(prog_name="ticketforge")

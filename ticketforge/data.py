@@ -1,0 +1,167 @@
+"""The user's data: `digits` (bundled with scikit-learn), a .npz file, or a Python callable."""
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from ticketforge.errors import UserError
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    val: Dataset
+    spec: str
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample (no batch axis)."""
+        return tuple(self.train[0][0].shape)
+
+    def example(self, n: int = 2) -> torch.Tensor:
+        return torch.stack([self.val[i][0] for i in range(min(n, len(self.val)))])
+
+
+def _to_tensors(x: np.ndarray, y: np.ndarray, where: str) -> TensorDataset:
+    if x.ndim < 2:
+        raise UserError(f"{where}: x must be N x F or N x C x H x W, got shape {x.shape}")
+    if len(x) != len(y):
+        raise UserError(f"{where}: x has {len(x)} samples but y has {len(y)}")
+    if len(x) == 0:
+        raise UserError(f"{where}: the split is empty")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        if np.issubdtype(y.dtype, np.floating) and y.ndim == 1 and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+        else:
+            raise UserError(f"{where}: y must be a 1-D array of integer class labels, got {y.dtype} {y.shape}")
+    if np.issubdtype(x.dtype, np.uint8):
+        xt = torch.from_numpy(x.astype(np.float32) / 255.0)
+    elif np.issubdtype(x.dtype, np.number):
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if not torch.isfinite(xt).all():
+            raise UserError(f"{where}: x contains NaN or Inf values")
+    else:
+        raise UserError(f"{where}: x has dtype {x.dtype}, expected numbers")
+    if (y < 0).any():
+        raise UserError(f"{where}: y has negative labels")
+    return TensorDataset(xt, torch.from_numpy(y.astype(np.int64)))
+
+
+def _split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    n = len(ds)
+    n_val = max(1, int(round(n * fraction)))
+    if n_val >= n:
+        raise UserError(f"--val-fraction {fraction} leaves no training samples out of {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(ds, perm[n_val:]), Subset(ds, perm[:n_val])
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    return (d.images[:, None] / 16.0).astype(np.float32), d.target.astype(np.int64)
+
+
+def _npz(path: Path) -> tuple[TensorDataset, TensorDataset | None]:
+    if not path.is_file():
+        raise UserError(f"data file {path} does not exist")
+    try:
+        arrays = np.load(path, allow_pickle=False)
+        names = set(arrays.files)
+    except Exception as exc:
+        raise UserError(f"data file {path} is not a readable .npz: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    missing = [k for k in ("x", "y") if k not in names]
+    if missing:
+        raise UserError(f"data file {path} lacks array(s) {', '.join(missing)} (has: {', '.join(sorted(names)) or 'none'})")
+    try:
+        train = _to_tensors(arrays["x"], arrays["y"], f"{path} (x, y)")
+        val = None
+        if "x_val" in names or "y_val" in names:
+            if not {"x_val", "y_val"} <= names:
+                raise UserError(f"data file {path}: give both x_val and y_val, or neither")
+            val = _to_tensors(arrays["x_val"], arrays["y_val"], f"{path} (x_val, y_val)")
+    except ValueError as exc:  # object arrays refused by allow_pickle=False
+        raise UserError(f"data file {path}: {exc}") from None
+    if val is not None and val.tensors[0].shape[1:] != train.tensors[0].shape[1:]:
+        raise UserError(f"data file {path}: x_val samples have shape {tuple(val.tensors[0].shape[1:])}, "
+                        f"x has {tuple(train.tensors[0].shape[1:])}")
+    return train, val
+
+
+def _callable(spec: str):
+    module_name, _, attr = spec.partition(":")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except Exception as exc:
+        raise UserError(f"--data {spec!r}: cannot import it: {type(exc).__name__}: {exc}") from None
+    try:
+        result = fn()
+        train, val = result
+    except Exception as exc:
+        raise UserError(f"--data {spec!r}: must return (train_dataset, val_dataset): {type(exc).__name__}: {exc}") from None
+    for name, ds in (("train", train), ("val", val)):
+        if ds is not None and len(ds) == 0:
+            raise UserError(f"--data {spec!r}: the {name} split is empty")
+    return train, val
+
+
+def load_data(spec: str, val_fraction: float = 0.1, seed: int = 0) -> DataBundle:
+    if not 0 < val_fraction < 1:
+        raise UserError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    if spec == "digits":
+        x, y = _digits()
+        train, val = TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), None
+    elif spec.endswith(".npz") or Path(spec).is_file():
+        train, val = _npz(Path(spec))
+    elif ":" in spec:
+        train, val = _callable(spec)
+    else:
+        raise UserError(f"--data {spec!r}: expected 'digits', a .npz file, or package.module:callable")
+    if val is None:
+        train, val = _split(train, val_fraction, seed)
+    return DataBundle(train=train, val=val, spec=spec)
+
+
+def labels_of(ds: Dataset) -> torch.Tensor:
+    if isinstance(ds, TensorDataset):
+        return ds.tensors[1]
+    if isinstance(ds, Subset) and isinstance(ds.dataset, TensorDataset):
+        return ds.dataset.tensors[1][torch.as_tensor(ds.indices)]
+    return torch.as_tensor([int(ds[i][1]) for i in range(len(ds))])
+
+
+def loader(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+           sampler=None) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed) if shuffle and sampler is None else None
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, generator=gen,
+                      drop_last=drop_last and len(ds) > batch_size, sampler=sampler)
+
+
+def check_against_model(bundle: DataBundle, model: torch.nn.Module) -> int:
+    """Run one validation batch through the model: shape errors and label range become clear errors.
+    Returns the number of classes."""
+    x = bundle.example(2)
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as exc:
+        raise UserError(f"the model rejects inputs of shape {tuple(x.shape)} (batch, *sample) from --data "
+                        f"{bundle.spec}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise UserError(f"the model must return logits of shape (batch, classes); got "
+                        f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+    classes = out.shape[1]
+    for name, ds in (("training", bundle.train), ("validation", bundle.val)):
+        y = labels_of(ds)
+        if len(y) and int(y.max()) >= classes:
+            raise UserError(f"the {name} labels go up to {int(y.max())} but the model has {classes} outputs")
+    return classes

@@ -1,0 +1,105 @@
+"""Training loops: fine-tuning a ticket with its mask held fixed, evaluation, BatchNorm re-estimation."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ticketforge.errors import UserError
+from ticketforge.masks import Mask
+from ticketforge.ui import SILENT, UI
+
+
+class NonFiniteLoss(UserError):
+    """Training diverged (NaN/Inf loss)."""
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
+
+
+def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, device: torch.device,
+          optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4, grad_clip: float = 0.0,
+          mask: Mask | None = None, ui: UI = SILENT, desc: str = "fine-tune", start_epoch: int = 0,
+          total_epochs: int | None = None) -> list[float]:
+    """Train with a cosine learning-rate schedule over `total_epochs` (default `epochs`), starting at
+    `start_epoch` of it (rewinding = starting the schedule again). Returns the mean loss per epoch."""
+    total_epochs = total_epochs or epochs
+    steps_per_epoch = len(loader)
+    total_steps = max(1, total_epochs * steps_per_epoch)
+    opt = make_optimizer(model, optimizer, lr, momentum, weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    for _ in range(start_epoch * steps_per_epoch):
+        sched.step()
+    if mask is not None:
+        mask.apply(model)
+    losses = []
+    model.train()
+    with (mask.held(model) if mask is not None else _nothing()), ui.progress(desc, epochs * steps_per_epoch) as advance:
+        for epoch in range(epochs):
+            total, count = 0.0, 0
+            for x, y in loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                loss = nn.functional.cross_entropy(model(x), y)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(f"{desc}: the loss became {loss.item()} at epoch {start_epoch + epoch + 1}; "
+                                        "lower the learning rate (--set finetune.lr=...)")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                opt.step()
+                sched.step()
+                if mask is not None:
+                    mask.apply(model)
+                total += loss.item() * len(y)
+                count += len(y)
+                advance(loss=total / count)
+            losses.append(total / max(count, 1))
+    model.eval()
+    return losses
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        pred = model(x.to(device)).argmax(1).cpu()
+        correct += int((pred == y).sum())
+        total += len(y)
+    return correct / max(total, 1)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device, batches: int = 50) -> None:
+    """Re-estimate BatchNorm running statistics on training batches: after pruning, the dense
+    statistics are wrong for the subnetwork (the biggest single factor at high sparsity)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return
+    saved = {m: m.momentum for m in bns}
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches seen
+    model.train()
+    for i, (x, _) in enumerate(loader):
+        if i >= batches:
+            break
+        model(x.to(device))
+    for m, mom in saved.items():
+        m.momentum = mom
+    model.eval()

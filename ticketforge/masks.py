@@ -1,0 +1,98 @@
+"""Binary masks over the prunable weights (every Conv and Linear weight; biases and norms never)."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PRUNABLE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+_SCRIPTED_PRUNABLE = {"Conv1d", "Conv2d", "Conv3d", "Linear"}
+
+
+def prunable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """name -> weight of every Conv/Linear layer (TorchScript modules too, by their original class)."""
+    out = {}
+    for name, mod in model.named_modules():
+        is_prunable = isinstance(mod, PRUNABLE_TYPES) or getattr(mod, "original_name", None) in _SCRIPTED_PRUNABLE
+        w = getattr(mod, "weight", None)
+        if is_prunable and isinstance(w, torch.Tensor) and w.dim() >= 2:
+            out[f"{name}.weight" if name else "weight"] = w
+    return out
+
+
+class Mask(dict):
+    """name -> bool tensor shaped like the weight; True = kept."""
+
+    @classmethod
+    def ones_like(cls, model: nn.Module) -> "Mask":
+        return cls({k: torch.ones_like(w, dtype=torch.bool) for k, w in prunable(model).items()})
+
+    @property
+    def total(self) -> int:
+        return sum(m.numel() for m in self.values())
+
+    @property
+    def kept(self) -> int:
+        return sum(int(m.sum()) for m in self.values())
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.kept / max(self.total, 1)
+
+    def per_layer(self) -> dict[str, float]:
+        return {k: 1.0 - float(m.float().mean()) for k, m in self.items()}
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> None:
+        """Zero the pruned weights in place."""
+        params = prunable(model)
+        for k, m in self.items():
+            params[k].mul_(m.to(params[k].device, params[k].dtype))
+
+    @contextmanager
+    def held(self, model: nn.Module):
+        """Pruned weights get no gradient inside this block (call apply() after each optimizer step
+        as well: weight decay and momentum would otherwise revive them)."""
+        params = prunable(model)
+        handles = []
+        for k, m in self.items():
+            mm = m.to(params[k].device)
+            handles.append(params[k].register_hook(lambda g, mm=mm: g * mm.to(g.dtype)))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.cpu() for k, v in self.items()}
+
+    def save(self, path: str | Path) -> None:
+        torch.save(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Mask":
+        return cls(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def global_topk(scores: dict[str, torch.Tensor], keep: int) -> Mask:
+    """Keep exactly `keep` entries with the highest scores over all layers (ties broken by position)."""
+    names = list(scores)
+    flat = torch.cat([scores[n].detach().reshape(-1).float().cpu() for n in names])
+    keep = max(0, min(int(keep), flat.numel()))
+    kept = torch.zeros(flat.numel(), dtype=torch.bool)
+    if keep:
+        kept[torch.topk(flat, keep, sorted=False).indices] = True
+    out, i = Mask(), 0
+    for n in names:
+        k = scores[n].numel()
+        out[n] = kept[i:i + k].reshape(scores[n].shape)
+        i += k
+    return out
+
+
+def keep_count(total: int, sparsity: float) -> int:
+    """Number of weights kept at a target sparsity (rounded to the nearest weight)."""
+    return int(round(total * (1.0 - sparsity)))

@@ -1,0 +1,316 @@
+"""Recipes: the one schema every recipe (built-in YAML, user YAML, --set overrides) is checked by.
+
+Each section is a dataclass; each field carries its help text and its allowed values or range
+in `metadata`, so defaults, documentation and validation have one source (as open_lth does).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from ticketforge.errors import UserError
+
+
+def opt(default, help: str, *, choices=None, lo=None, hi=None, lo_open=False, hi_open=False):
+    """A schema field: default, help text and the allowed values or range."""
+    meta = {"help": help, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class SearchConfig:
+    method: str = opt("magnitude", "search method, by registry name (ticketforge.search.METHODS)")
+    sparsity: float = opt(0.9, "fraction of prunable weights removed", lo=0.0, hi=1.0, hi_open=True)
+    target_macs: float = opt(0.5, "channels / blocks: fraction of the dense MACs kept", lo=0.0, hi=1.0, lo_open=True)
+    blocks: int = opt(0, "blocks: number of residual blocks to remove (0: use target_macs)", lo=0)
+    start: str = opt("trained", "where the search starts: on the trained weights, at a rewind point "
+                     "after a short re-training from a fresh init, or at a fresh init",
+                     choices=["trained", "rewind", "init"])
+    epochs: float = opt(4.0, "search length in epochs (CTS, IMP rounds: per round)", lo=0.0)
+    steps: int = opt(0, "search length in optimizer steps; overrides epochs when > 0", lo=0)
+    lr: float = opt(0.1, "learning rate of the mask logits (CTS: Adam)", lo=0.0, lo_open=True)
+    batch_size: int = opt(128, "batch size of the search", lo=1)
+    objective: str = opt("reverse_kl", "CTS objective", choices=["reverse_kl", "forward_kl", "ce"])
+    temperature: float = opt(2 / 3, "CTS Binary Concrete temperature", lo=0.0, lo_open=True)
+    balance: str = opt("gradbalance", "CTS sparsity control", choices=["gradbalance", "lagrange"])
+    budget_slack: float = opt(1.1, "CTS: the balance aims at this multiple of the kept budget", lo=1.0)
+    prune_fraction: float = opt(0.2, "IMP: fraction of the remaining weights removed per round",
+                                lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    synflow_rounds: int = opt(100, "SynFlow: pruning rounds (exponential schedule)", lo=1)
+    sanity: bool = opt(False, "also train the sanity-check variants (shuffled, inverted, re-initialised)")
+
+
+@dataclass
+class TrainConfig:
+    """Training from a fresh init, for search.start = rewind or init."""
+
+    epochs: int = opt(10, "total training epochs of the schedule", lo=1)
+    rewind_epochs: float = opt(1.0, "rewind: epochs of dense training before the search", lo=0.0)
+    lr: float = opt(0.1, "SGD learning rate", lo=0.0, lo_open=True)
+    batch_size: int = opt(128, "batch size", lo=1)
+    momentum: float = opt(0.9, "SGD momentum", lo=0.0, hi=1.0)
+    weight_decay: float = opt(5e-4, "weight decay", lo=0.0)
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = opt(5, "fine-tune epochs (the --epochs option)", lo=0)
+    lr: float = opt(0.01, "peak learning rate (cosine schedule)", lo=0.0, lo_open=True)
+    batch_size: int = opt(128, "batch size", lo=1)
+    optimizer: str = opt("sgd", "optimizer", choices=["sgd", "adamw"])
+    momentum: float = opt(0.9, "SGD momentum", lo=0.0, hi=1.0)
+    weight_decay: float = opt(5e-4, "weight decay", lo=0.0)
+    grad_clip: float = opt(2.0, "gradient-norm clip (0: off)", lo=0.0)
+    bn_recalibrate: bool = opt(True, "re-estimate BatchNorm statistics after every mask change")
+
+
+@dataclass
+class ConvertConfig:
+    structure: str = opt("unstructured", "what the ticket becomes: scattered zeros, removed channels, "
+                         "N:M sparsity, removed residual blocks",
+                         choices=["unstructured", "channels", "2:4", "blocks"])
+    round_to: int = opt(16, "channels: keep multiples of this many channels (runtime vector width)", lo=1)
+    nm_decay: str = opt("none", "2:4 fine-tune: hard mask, or pruned weights decayed to zero "
+                        "(Progressive Gradient Flow)", choices=["none", "exponential"])
+
+
+@dataclass
+class ExportConfig:
+    targets: list = opt(["onnx"], "what to build", choices=["onnx", "tensorrt"])
+    exporter: str = opt("torchscript", "torch.onnx exporter (torchscript: fast and forgiving; dynamo: torch.export)",
+                        choices=["torchscript", "dynamo"])
+    opset: int = opt(17, "ONNX opset", lo=13)
+    quantize: str = opt("none", "also write a quantized model", choices=["none", "int8", "fp16"])
+    trt_batch: list = opt([1, 64, 256], "TensorRT optimization profile: min, opt, max batch")
+
+
+@dataclass
+class ValidateConfig:
+    latency_batches: list = opt([1, 64], "batch sizes timed")
+    repeats: int = opt(30, "timed runs per model and batch (after warm-up)", lo=3)
+    warmup: int = opt(5, "untimed runs first", lo=0)
+    parity_tol: float = opt(1e-3, "max abs logit difference allowed between torch and ONNX", lo=0.0, lo_open=True)
+
+
+@dataclass
+class GateConfig:
+    max_accuracy_drop: Optional[float] = opt(None, "dense accuracy minus exported ONNX accuracy, at most")
+    min_speedup: Optional[float] = opt(None, "ONNX Runtime speed-up over dense, at least (every backend and batch)")
+    max_latency_ms: Optional[float] = opt(None, "latency of the exported model, at most (every backend and batch)")
+    max_size_mb: Optional[float] = opt(None, "size of model.onnx in MB, at most", lo=0.0)
+    min_sparsity: Optional[float] = opt(None, "achieved sparsity, at least", lo=0.0, hi=1.0)
+
+
+@dataclass
+class Recipe:
+    name: str = opt("custom", "recipe name")
+    description: str = opt("", "one line for `ticketforge recipes`")
+    search: SearchConfig = field(default_factory=SearchConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- validation
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(path: str, value: Any, tp, meta: dict) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(path, value, args[0], meta)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"recipe key '{path}': expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise UserError(f"recipe key '{path}': expected an integer, got {value!r}")
+        value = int(value)
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"recipe key '{path}': expected a number, got {value!r}")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise UserError(f"recipe key '{path}': expected a finite number, got {value!r}")
+    elif tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"recipe key '{path}': expected a string, got {value!r}")
+    elif tp is list:
+        if not isinstance(value, list):
+            value = [value]
+        choices = meta.get("choices")
+        for item in value:
+            if choices and item not in choices:
+                raise UserError(f"recipe key '{path}': {item!r} is not one of {', '.join(map(str, choices))}")
+        if path == "export.trt_batch" and (len(value) != 3 or not all(isinstance(v, int) and v >= 1 for v in value)
+                                           or sorted(value) != value):
+            raise UserError(f"recipe key '{path}': expected [min, opt, max] positive integers in order, got {value!r}")
+        if path == "validate.latency_batches" and (not value or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                        and v >= 1 for v in value)):
+            raise UserError(f"recipe key '{path}': expected a list of positive batch sizes, got {value!r}")
+        return value
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise UserError(f"recipe key '{path}': {value!r} is not one of {', '.join(map(str, choices))}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+        raise UserError(f"recipe key '{path}': {value!r} is out of range ({_range(meta)})")
+    if hi is not None and (value > hi or (meta.get("hi_open") and value == hi)):
+        raise UserError(f"recipe key '{path}': {value!r} is out of range ({_range(meta)})")
+    return value
+
+
+def _range(meta: dict) -> str:
+    lo, hi = meta.get("lo"), meta.get("hi")
+    left = "(" if meta.get("lo_open") else "["
+    right = ")" if meta.get("hi_open") else "]"
+    if hi is None:
+        return f"must be {'>' if meta.get('lo_open') else '>='} {lo}"
+    return f"must be in {left}{lo}, {hi}{right}"
+
+
+def _build(cls, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise UserError(f"recipe section '{prefix or 'top level'}': expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"in section '{prefix}'" if prefix else "at the top level"
+        raise UserError(f"unknown recipe key '{(prefix + '.') if prefix else ''}{unknown[0]}' {where}; "
+                        f"allowed: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        path = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, path)
+        else:
+            kwargs[name] = _coerce(path, value, tp, dict(fields[name].metadata))
+    return cls(**kwargs)
+
+
+def validate(data: dict) -> Recipe:
+    """Check a recipe mapping against the schema and return the resolved Recipe."""
+    from ticketforge.search import METHODS  # late: the registry imports the method modules
+
+    recipe = _build(Recipe, data or {}, "")
+    if recipe.search.method not in METHODS:
+        raise UserError(f"recipe key 'search.method': unknown method {recipe.search.method!r}; "
+                        f"allowed: {', '.join(sorted(METHODS))}")
+    return recipe
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+def builtin_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("ticketforge.recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, where: str) -> dict:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"recipe {where} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {where} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def builtin_text(name: str) -> str:
+    if name not in builtin_names():
+        raise UserError(f"unknown recipe {name!r}; built-in recipes: {', '.join(builtin_names())}")
+    return resources.files("ticketforge.recipes").joinpath(f"{name}.yaml").read_text()
+
+
+def load_raw(name_or_path: str) -> dict:
+    """The recipe as a plain mapping (built-in name or YAML path), before overrides."""
+    path = Path(name_or_path)
+    if name_or_path.endswith((".yaml", ".yml")) or path.exists():
+        if not path.is_file():
+            raise UserError(f"recipe file {name_or_path} does not exist")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read recipe file {name_or_path}: {exc}") from None
+        data = _read_yaml(text, name_or_path)
+        data.setdefault("name", path.stem)
+        return data
+    data = _read_yaml(builtin_text(name_or_path), name_or_path)
+    data.setdefault("name", name_or_path)
+    return data
+
+
+def parse_set(item: str) -> tuple[list[str], Any]:
+    """`key.path=value` -> (["key", "path"], value); the value is read as YAML (1, 0.5, true, [1, 2], text)."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected key.path=value")
+    key, _, text = item.partition("=")
+    keys = key.strip().split(".")
+    if not all(k.strip() for k in keys):
+        raise UserError(f"--set {item!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return [k.strip() for k in keys], value
+
+
+def apply_override(data: dict, keys: list[str], value: Any) -> None:
+    node = data
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {'.'.join(keys)}: '{k}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def resolve(name_or_path: str, sets: list[str] = (), **shortcuts) -> Recipe:
+    """Load a recipe, apply --set items then the named shortcuts (sparsity=..., epochs=...), validate."""
+    data = load_raw(name_or_path)
+    for item in sets:
+        apply_override(data, *parse_set(item))
+    paths = {"sparsity": ["search", "sparsity"], "epochs": ["finetune", "epochs"]}
+    for name, value in shortcuts.items():
+        if value is not None:
+            apply_override(data, paths[name], value)
+    return validate(data)
+
+
+def describe(cls=Recipe, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every field, for documentation."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, path)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((path, default, f.metadata.get("help", "")))
+    return rows

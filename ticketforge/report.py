@@ -1,0 +1,49 @@
+"""Write the report: report.json for machines, report.md for people (same numbers)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def to_markdown(r: dict) -> str:
+    acc, sp = r["accuracy"], r["sparsity"]
+    lines = [
+        f"# ticketforge report: {r['recipe']['name']}",
+        "",
+        f"Model `{r['model']['path']}` ({r['model']['kind']}), data `{r['data']['spec']}` "
+        f"({r['data']['train']} train / {r['data']['val']} validation samples), device `{r['device']}`, "
+        f"seed {r['seed']}, ticketforge {r['ticketforge_version']}.",
+        "",
+        f"Search `{r['search'].get('method')}`, structure `{r['recipe']['convert']['structure']}`.",
+        "",
+        "| | dense | compressed |",
+        "|---|---:|---:|",
+        f"| accuracy (torch) | {_pct(acc['dense'])} | {_pct(acc['compressed'])} |",
+        f"| accuracy (ONNX Runtime, exported) | {_pct(acc.get('dense_onnx'))} | {_pct(acc['onnx'])} |",
+        f"| non-zero parameters | {r['params']['dense']:,} | {r['params']['compressed']:,} |",
+        f"| MACs per sample | {r['macs']['dense']:,} | {r['macs']['compressed']:,} |",
+        f"| model.onnx size | {r['size_mb']['dense']:.3f} MB | {r['size_mb']['compressed']:.3f} MB |",
+        "",
+        f"Sparsity of the prunable weights in `model.onnx`: {_pct(sp['achieved'])} (target {_pct(sp['target'])}). "
+        f"Torch/ONNX logit parity: max abs difference {r['parity']:.2e}.",
+        "",
+        "| backend | batch | dense ms | compressed ms | speed-up |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in r["latency"]:
+        lines.append(f"| {row['backend']} | {row['batch']} | {row['dense_ms']:.3f} | {row['compressed_ms']:.3f} | "
+                     f"{row['speedup']:.2f}x |")
+    t = r["timings"]
+    lines += ["", "Time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()), ""]
+    if r.get("notes"):
+        lines += ["Notes:", ""] + [f"- {n}" for n in r["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def write(report: dict, folder: Path) -> None:
+    (folder / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    (folder / "report.md").write_text(to_markdown(report))

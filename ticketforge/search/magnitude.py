@@ -1,0 +1,17 @@
+"""Global magnitude pruning: keep the largest |w| over all prunable weights at once."""
+from __future__ import annotations
+
+from ticketforge.masks import global_topk, keep_count, prunable
+from ticketforge.search import SearchContext, SearchResult, register
+
+
+def magnitude_scores(model):
+    return {k: w.detach().abs() for k, w in prunable(model).items()}
+
+
+@register("magnitude")
+def magnitude(ctx: SearchContext) -> SearchResult:
+    scores = magnitude_scores(ctx.model)
+    total = sum(s.numel() for s in scores.values())
+    mask = global_topk(scores, keep_count(total, ctx.recipe.search.sparsity))
+    return SearchResult(model=ctx.model, mask=mask, info={"method": "magnitude", "scope": "global"})

@@ -1,0 +1,129 @@
+"""Measure what was exported: accuracy and logits in ONNX Runtime, latency side by side with
+the dense export, and the sparsity, parameters and MACs read back from the ONNX files."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import numpy_helper
+from torch.utils.data import Dataset
+
+from ticketforge.data import loader
+
+WEIGHT_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+
+
+def session(path: str | Path, provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=[provider])
+
+
+def run(sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def onnx_accuracy(path: str | Path, ds: Dataset, batch_size: int = 256) -> float:
+    sess = session(path)
+    correct = total = 0
+    for x, y in loader(ds, batch_size):
+        pred = run(sess, x.numpy().astype(np.float32)).argmax(1)
+        correct += int((pred == y.numpy()).sum())
+        total += len(y)
+    return correct / max(total, 1)
+
+
+@torch.no_grad()
+def parity(model: torch.nn.Module, path: str | Path, x: torch.Tensor) -> float:
+    """Max abs difference between the torch model's logits and the ONNX model's, on the CPU."""
+    model.eval()
+    ref = model(x.to(next(model.parameters()).device)).float().cpu().numpy()
+    got = run(session(path), x.cpu().numpy().astype(np.float32))
+    return float(np.abs(ref - got).max())
+
+
+def latency(dense: str | Path, compressed: str | Path, sample_shape: tuple[int, ...], batches: list[int],
+            repeats: int = 30, warmup: int = 5, backend: str = "onnxruntime-cpu",
+            provider: str = "CPUExecutionProvider") -> list[dict]:
+    """Median latency of both models, timed alternately in this process so that machine noise
+    hits both alike."""
+    sd, sc = session(dense, provider), session(compressed, provider)
+    rows = []
+    rng = np.random.default_rng(0)
+    for b in batches:
+        x = rng.random((b, *sample_shape), dtype=np.float32)
+        td, tc = [], []
+        for i in range(warmup + repeats):
+            for sess, times in ((sd, td), (sc, tc)):
+                t0 = time.perf_counter()
+                run(sess, x)
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+        d, c = float(np.median(td) * 1e3), float(np.median(tc) * 1e3)
+        rows.append({"backend": backend, "batch": b, "dense_ms": round(d, 4), "compressed_ms": round(c, 4),
+                     "speedup": round(d / c, 3)})
+    return rows
+
+
+def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Initializers used as the weight of a Conv/Gemm/MatMul (the prunable weights, BN folded in)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type in WEIGHT_OPS:
+            for name in node.input[:2]:
+                if name in inits and len(inits[name].dims) >= 2 and name not in out:
+                    out[name] = numpy_helper.to_array(inits[name])
+    return out
+
+
+def onnx_stats(path: str | Path) -> dict:
+    """Sparsity, non-zero parameters, MACs per sample and file size, read from the ONNX file."""
+    model = onnx.load(str(path))
+    weights = _weights(model)
+    total = sum(w.size for w in weights.values())
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    params = sum(int(np.count_nonzero(numpy_helper.to_array(i))) for i in model.graph.initializer)
+    return {"weights": int(total), "zero_weights": int(zeros), "sparsity": zeros / max(total, 1),
+            "params_nonzero": params, "macs": macs(model), "size_mb": Path(path).stat().st_size / 2 ** 20}
+
+
+def macs(model: onnx.ModelProto) -> int:
+    """Multiply-accumulates per sample that the graph computes (Conv, Gemm, MatMul), found by
+    shape inference at batch 1."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for inp in m.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_value = 1
+    m = onnx.shape_inference.infer_shapes(m)
+    shapes = {}
+    for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output):
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    for init in m.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    total = 0
+    for node in m.graph.node:
+        if node.op_type not in WEIGHT_OPS or not node.output or node.output[0] not in shapes:
+            continue
+        out = shapes[node.output[0]]
+        if None in out:
+            continue
+        if node.op_type in ("Conv", "ConvTranspose"):
+            w = shapes.get(node.input[1])
+            if w:
+                total += int(np.prod(out)) * int(np.prod(w[1:]))
+        else:
+            a = shapes.get(node.input[0])
+            attrs = {at.name: onnx.helper.get_attribute_value(at) for at in node.attribute}
+            if a and a[-1] is not None:
+                k = a[-2] if node.op_type == "Gemm" and attrs.get("transA", 0) else a[-1]
+                total += int(np.prod(out)) * int(k)
+    return total
