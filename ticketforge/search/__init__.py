@@ -38,6 +38,9 @@ class SearchResult:
     model: nn.Module
     mask: Mask | None
     info: dict = field(default_factory=dict)   # goes into the report under "search"
+    # The per-weight scores the mask was chosen from (higher = keep): sanity checks and 2:4
+    # selection reuse them.
+    scores: dict | None = None
     # Overrides of the fine-tune stage, e.g. rewind starts retrain for the rest of the schedule.
     finetune: dict = field(default_factory=dict)
 
@@ -57,5 +60,5 @@ def run(ctx: SearchContext) -> SearchResult:
 
 
 # Importing the method modules fills the registry.
-for _module in ("magnitude",):
+for _module in ("magnitude", "cts"):
     importlib.import_module(f"ticketforge.search.{_module}")

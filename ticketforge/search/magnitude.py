@@ -14,4 +14,4 @@ def magnitude(ctx: SearchContext) -> SearchResult:
     scores = magnitude_scores(ctx.model)
     total = sum(s.numel() for s in scores.values())
     mask = global_topk(scores, keep_count(total, ctx.recipe.search.sparsity))
-    return SearchResult(model=ctx.model, mask=mask, info={"method": "magnitude", "scope": "global"})
+    return SearchResult(model=ctx.model, mask=mask, info={"method": "magnitude", "scope": "global"}, scores=scores)
