@@ -25,6 +25,7 @@ from ticketforge.errors import UserError
 from ticketforge.loading import LoadedModel, load_model
 from ticketforge.masks import Mask, prunable
 from ticketforge.recipe import Recipe
+from ticketforge.runstate import RunState, run_key
 from ticketforge.ui import UI
 
 
@@ -72,7 +73,7 @@ def atomic_folder(out: Path, force: bool):
     if out.exists() and not force:
         raise UserError(f"output folder {out} already exists; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = out.parent / f".{out.name}.tmp"  # the run's lock protects it; a stale one is from a killed run
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -121,13 +122,15 @@ def compress(job: Job) -> dict:
     dense_acc = finetune.evaluate(dense, val_loader, device)
     ui.log(f"dense model: validation accuracy {dense_acc:.4f}")
 
-    with atomic_folder(out, job.force) as tmp:
+    key = run_key({"recipe": recipe.to_dict(), "seed": job.seed, "model": Path(job.model_path), "arch": loaded.arch,
+                   "arch_kwargs": loaded.arch_kwargs, "data": bundle.spec, "val_fraction": job.val_fraction})
+    with RunState(out, key) as state, atomic_folder(out, job.force) as tmp:
         # search
         t = time.perf_counter()
         ui.log(f"search: {recipe.search.method} (target sparsity {recipe.search.sparsity:g}, "
                f"structure {recipe.convert.structure})")
         ctx = search.SearchContext(model=dense, loaded=loaded, data=bundle, recipe=recipe, device=device,
-                                   seed=job.seed, ui=ui, workdir=tmp)
+                                   seed=job.seed, ui=ui, workdir=state.subdir("search"))
         found = search.run(ctx)
         model, mask = found.model, found.mask
         timings["search"] = time.perf_counter() - t
@@ -205,6 +208,7 @@ def compress(job: Job) -> dict:
             "notes": found.info.get("notes", []) + conv.info.get("notes", []),
         }
         report_stage.write(report, tmp)
+        state.finish()
     ui.log(f"wrote {out}/: accuracy {dense_acc:.4f} -> {onnx_acc:.4f} (ONNX), sparsity {stats_c['sparsity']:.4f}, "
            + ", ".join(f"batch {r['batch']} {r['speedup']:.2f}x" for r in lat))
     return report

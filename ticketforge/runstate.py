@@ -1,0 +1,92 @@
+"""Where a run keeps its finished steps so that an interrupted run can continue: a folder keyed by
+a hash of everything that determines the result (recipe, seed, model file, data), beside the
+output folder, plus a lock so that two runs never write the same output folder at once."""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ticketforge.errors import UserError
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_key(parts: dict[str, Any]) -> str:
+    """Content hash of the things that determine a run's result (files by their digest)."""
+    resolved = {}
+    for k, v in sorted(parts.items()):
+        if isinstance(v, Path) or (isinstance(v, str) and Path(v).is_file()):
+            resolved[k] = file_digest(Path(v))
+        else:
+            resolved[k] = v
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class RunState:
+    """Finished steps of one run, saved with torch.save and read back with weights_only=True."""
+
+    def __init__(self, out: Path, key: str):
+        root = out.parent / ".ticketforge"
+        self.dir = root / f"{out.name}-{key}"
+        self.lock_path = root / f"{out.name}.lock"
+        self._lock = None
+
+    def __enter__(self) -> "RunState":
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.lock_path, "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            self._lock = None
+            raise UserError(f"another ticketforge run is writing this output folder (lock {self.lock_path}); "
+                            "wait for it or choose another --out") from None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+        return False
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}.pt"
+
+    def has(self, name: str) -> bool:
+        return self.path(name).exists()
+
+    def save(self, name: str, obj: Any) -> None:
+        tmp = self.dir / f".{name}.pt.tmp"
+        torch.save(obj, tmp)
+        os.replace(tmp, self.path(name))  # a step is finished only once its file is complete
+
+    def load(self, name: str) -> Any:
+        return torch.load(self.path(name), map_location="cpu", weights_only=True)
+
+    def subdir(self, name: str) -> Path:
+        d = self.dir / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def finish(self) -> None:
+        """The run succeeded: its steps are no longer needed."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            self.dir.parent.rmdir()  # only if empty
+        except OSError:
+            pass
