@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from ticketforge import __version__, recipe as recipes
-from ticketforge.errors import UserError
+from ticketforge import __version__, gate, recipe as recipes
+from ticketforge.errors import UserError, VerificationError
 from ticketforge.ui import UI
 
 
@@ -76,20 +76,65 @@ def parse_kwargs(text: str | None) -> dict | None:
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 @click.option("--quiet", is_flag=True, help="no progress output")
 @click.option("--json", "as_json", is_flag=True, help="print report.json on stdout")
+@click.option("--junit", type=click.Path(path_type=Path), help="write the gate's checks as JUnit XML here")
 @click.option("--debug", is_flag=True, help="show tracebacks")
 @guarded
 def compress(model, recipe_name, data, arch, arch_kwargs, sparsity, epochs, sets, out, device, seed, val_fraction,
-             trust_pickle, force, quiet, as_json, debug):
+             trust_pickle, force, quiet, as_json, junit, debug):
     """Compress MODEL with a recipe: search, fine-tune, convert, export, validate."""
-    from ticketforge.pipeline import Job, compress as run_compress
+    from ticketforge.pipeline import Job, compress as run_compress, default_out
 
     recipe = recipes.resolve(recipe_name, list(sets), sparsity=sparsity, epochs=epochs)
     job = Job(model_path=model, recipe=recipe, data=data, out=out, arch=arch, arch_kwargs=parse_kwargs(arch_kwargs),
               trust_pickle=trust_pickle, device=device, seed=seed, force=force, val_fraction=val_fraction,
               ui=UI(quiet=quiet))
+    gate.check_junit_path(junit)
     report = run_compress(job)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=float))
+    out = Path(job.out or default_out(model, recipe))
+    gate.append_step_summary((out / "report.md").read_text())
+    finish_gate(report["gate"], junit)
+
+
+def finish_gate(result: dict, junit: Path | None) -> None:
+    """JUnit file if asked, then exit 1 naming the failed checks (the output is already written)."""
+    if junit is not None:
+        gate.write_junit(result, junit)
+    failed = [f"{c['name']} (measured {c['measured']:.4g}, threshold {c['threshold']:g})"
+              for c in result["checks"] if not c["passed"]]
+    if failed:
+        raise VerificationError(f"gate failed: {'; '.join(failed)}")
+
+
+@cli.command("gate")
+@click.argument("report_path", metavar="REPORT.json", type=click.Path(path_type=Path))
+@click.option("--max-accuracy-drop", type=float, help="dense minus exported accuracy, at most (0.01 = one point)")
+@click.option("--min-speedup", type=float, help="speed-up over dense, at least, for every backend and batch")
+@click.option("--max-latency-ms", type=float, help="compressed latency in ms, at most, for every backend and batch")
+@click.option("--max-size-mb", type=float, help="size of model.onnx in MB, at most")
+@click.option("--min-sparsity", type=float, help="sparsity of model.onnx's prunable weights, at least")
+@click.option("--junit", type=click.Path(path_type=Path), help="write the checks as JUnit XML here")
+@click.option("--json", "as_json", is_flag=True, help="print the gate section as JSON on stdout")
+@click.option("--debug", is_flag=True, help="show tracebacks")
+@guarded
+def gate_cmd(report_path, max_accuracy_drop, min_speedup, max_latency_ms, max_size_mb, min_sparsity, junit,
+             as_json, debug):
+    """Re-check an existing report.json against thresholds, without recomputing anything.
+
+    Thresholds come from the report's recipe `gate` section; options override them.
+    Exit 0 when every check passes, 1 when one fails, 2 on bad input."""
+    gate.check_junit_path(junit)
+    report = gate.load_report(report_path)
+    thresholds = dict(report["recipe"].get("gate") or {})
+    flags = {"max_accuracy_drop": max_accuracy_drop, "min_speedup": min_speedup, "max_latency_ms": max_latency_ms,
+             "max_size_mb": max_size_mb, "min_sparsity": min_sparsity}
+    thresholds.update({k: v for k, v in flags.items() if v is not None})
+    result = gate.evaluate(report, thresholds)
+    md = gate.to_markdown(result)
+    click.echo(json.dumps(result, indent=2) if as_json else md.rstrip("\n"))
+    gate.append_step_summary(f"### ticketforge gate: {report_path}\n\n{md}")
+    finish_gate(result, junit)
 
 
 @cli.command()

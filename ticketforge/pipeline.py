@@ -5,6 +5,7 @@ makes the output folder appear complete or not at all."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import random
 import shutil
@@ -19,7 +20,7 @@ import torch
 import ticketforge
 from ticketforge import convert as convert_stage
 from ticketforge import export as export_stage
-from ticketforge import finetune, report as report_stage, search, validate
+from ticketforge import finetune, gate as gate_stage, quantize, report as report_stage, search, validate
 from ticketforge.data import DataBundle, check_against_model, load_data, loader
 from ticketforge.errors import UserError
 from ticketforge.loading import LoadedModel, load_model
@@ -109,6 +110,10 @@ def compress(job: Job) -> dict:
     out = Path(job.out or default_out(job.model_path, recipe))
     if out.exists() and not job.force:
         raise UserError(f"output folder {out} already exists; pass --force to replace it")
+    if "tensorrt" in recipe.export.targets:
+        from ticketforge import tensorrt as trt_stage
+
+        trt_stage.require()  # before any work: a missing extra must not cost a whole search
     device = pick_device(job.device)
     seed_everything(job.seed)
     t_start = time.perf_counter()
@@ -181,6 +186,25 @@ def compress(job: Job) -> dict:
         lat = validate.latency(tmp / "dense.onnx", tmp / "model.onnx", bundle.input_shape,
                                recipe.validate.latency_batches, recipe.validate.repeats, recipe.validate.warmup)
         timings["validate"] = time.perf_counter() - t
+
+        # deployment targets beyond model.onnx
+        extra_acc, deploy = {}, {}
+        if recipe.export.quantize != "none":
+            t = time.perf_counter()
+            ui.log(f"quantize: model.{recipe.export.quantize}.onnx")
+            deploy["quantize"], rows = quantize.export_quantized(
+                tmp, recipe.export.quantize, bundle, recipe.validate.repeats, recipe.validate.warmup,
+                recipe.validate.latency_batches)
+            extra_acc[recipe.export.quantize] = deploy["quantize"]["accuracy"]
+            lat += rows
+            timings["quantize"] = time.perf_counter() - t
+        if "tensorrt" in recipe.export.targets:
+            t = time.perf_counter()
+            ui.log("tensorrt: build and validate model.engine")
+            deploy["tensorrt"], rows = trt_stage.build_and_validate(tmp, recipe, bundle, ui)
+            extra_acc["engine"] = deploy["tensorrt"]["accuracy"]
+            lat += rows
+            timings["tensorrt"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
 
         per_layer = mask.per_layer() if mask is not None else {}
@@ -201,16 +225,21 @@ def compress(job: Job) -> dict:
             "macs": {"dense": stats_d["macs"], "compressed": stats_c["macs"]},
             "size_mb": {"dense": stats_d["size_mb"], "compressed": stats_c["size_mb"]},
             "accuracy": {"dense": dense_acc, "compressed": compressed_acc, "onnx": onnx_acc,
-                         "dense_onnx": dense_onnx_acc, "before_finetune": acc_before},
+                         "dense_onnx": dense_onnx_acc, "before_finetune": acc_before, **extra_acc},
             "parity": par,
             "latency": lat,
             "timings": {k: round(v, 3) for k, v in timings.items()},
             "notes": found.info.get("notes", []) + conv.info.get("notes", []),
+            **deploy,
         }
+        report["gate"] = gate_stage.evaluate(report, dataclasses.asdict(recipe.gate))
         report_stage.write(report, tmp)
         state.finish()
     ui.log(f"wrote {out}/: accuracy {dense_acc:.4f} -> {onnx_acc:.4f} (ONNX), sparsity {stats_c['sparsity']:.4f}, "
-           + ", ".join(f"batch {r['batch']} {r['speedup']:.2f}x" for r in lat))
+           + ", ".join(f"{r['backend']} batch {r['batch']} {r['speedup']:.2f}x" for r in lat))
+    failed = [c["name"] for c in report["gate"]["checks"] if not c["passed"]]
+    if report["gate"]["checks"]:
+        ui.log(f"gate: {'FAILED ' + ', '.join(failed) if failed else 'passed'} ({len(report['gate']['checks'])} checks)")
     return report
 
 

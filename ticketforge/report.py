@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ticketforge import gate, report_html
+
 
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
@@ -37,6 +39,17 @@ def to_markdown(r: dict) -> str:
     for row in r["latency"]:
         lines.append(f"| {row['backend']} | {row['batch']} | {row['dense_ms']:.3f} | {row['compressed_ms']:.3f} | "
                      f"{row['speedup']:.2f}x |")
+    q = r.get("quantize")
+    if q:
+        ops = ", ".join(f"{n} {k}" for k, n in q.get("quantized_ops", {}).items())
+        lines += ["", f"Quantized `{q['file']}` ({q['format']}{', ' + ops if ops else ''}): accuracy "
+                  f"{_pct(q['accuracy'])} in ONNX Runtime, {q['size_mb']:.3f} MB."]
+    trt = r.get("tensorrt")
+    if trt:
+        lines += ["", f"TensorRT `{trt['file']}` ({', '.join(trt['precisions'])}): accuracy {_pct(trt['accuracy'])}; "
+                  f"layers with sparse kernels: {', '.join(trt['sparse_layers']) or 'none'}."]
+    if "gate" in r:
+        lines += ["", gate.to_markdown(r["gate"]).rstrip()]
     t = r["timings"]
     lines += ["", "Time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()), ""]
     if r.get("notes"):
@@ -47,3 +60,4 @@ def to_markdown(r: dict) -> str:
 def write(report: dict, folder: Path) -> None:
     (folder / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     (folder / "report.md").write_text(to_markdown(report))
+    (folder / "report.html").write_text(report_html.render(report))

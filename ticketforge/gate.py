@@ -1,0 +1,112 @@
+"""The CI gate: thresholds from the recipe's `gate` section checked against a report's measured
+numbers, with nothing recomputed, so `ticketforge gate report.json` can re-check any old report.
+
+What each threshold measures (one check per row, so CI shows exactly what failed):
+- max_accuracy_drop: dense accuracy (the loaded model in torch, on the validation split) minus
+  the accuracy of each exported model in ONNX Runtime (model.onnx, and model.int8.onnx /
+  model.fp16.onnx / model.engine when they were built). Absolute, e.g. 0.01 = one point.
+- min_speedup: every latency row (each backend and batch size): dense time / compressed time.
+- max_latency_ms: every latency row: the compressed model's median time.
+- max_size_mb: the size of model.onnx.
+- min_sparsity: the sparsity of the prunable weights read back from model.onnx."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from ticketforge.errors import UserError
+from ticketforge.recipe import GateConfig
+
+# accuracy key in report["accuracy"] -> the exported file it was measured on
+EXPORTED = {"onnx": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx", "engine": "model.engine"}
+
+
+def _check(name: str, threshold: float, measured: float, passed: bool) -> dict:
+    return {"name": name, "threshold": threshold, "measured": round(float(measured), 6), "passed": bool(passed)}
+
+
+def evaluate(report: dict, thresholds: dict) -> dict:
+    """The gate section for `report` under `thresholds` (GateConfig fields; None = not checked)."""
+    t = {f.name: thresholds.get(f.name) for f in dataclasses.fields(GateConfig)}
+    checks = []
+    if t["max_accuracy_drop"] is not None:
+        acc = report["accuracy"]
+        for key, file in EXPORTED.items():
+            if acc.get(key) is not None:
+                drop = acc["dense"] - acc[key]
+                checks.append(_check(f"max_accuracy_drop[{file}]", t["max_accuracy_drop"], drop,
+                                     drop <= t["max_accuracy_drop"]))
+    for row in report.get("latency", []):
+        where = f"{row['backend']}, batch {row['batch']}"
+        if t["min_speedup"] is not None:
+            checks.append(_check(f"min_speedup[{where}]", t["min_speedup"], row["speedup"],
+                                 row["speedup"] >= t["min_speedup"]))
+        if t["max_latency_ms"] is not None:
+            checks.append(_check(f"max_latency_ms[{where}]", t["max_latency_ms"], row["compressed_ms"],
+                                 row["compressed_ms"] <= t["max_latency_ms"]))
+    if t["max_size_mb"] is not None:
+        size = report["size_mb"]["compressed"]
+        checks.append(_check("max_size_mb[model.onnx]", t["max_size_mb"], size, size <= t["max_size_mb"]))
+    if t["min_sparsity"] is not None:
+        sp = report["sparsity"]["achieved"]
+        checks.append(_check("min_sparsity[model.onnx]", t["min_sparsity"], sp, sp >= t["min_sparsity"]))
+    return {"passed": all(c["passed"] for c in checks), "checks": checks}
+
+
+def load_report(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"report {path} does not exist")
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read report {path}: {exc}") from None
+    needed = ("recipe", "accuracy", "latency", "size_mb", "sparsity")
+    if not isinstance(report, dict) or any(k not in report for k in needed):
+        raise UserError(f"{path} is not a ticketforge report.json (needs keys {', '.join(needed)})")
+    return report
+
+
+def to_markdown(gate: dict) -> str:
+    if not gate["checks"]:
+        return "Gate: no thresholds set (recipe `gate` section), nothing checked.\n"
+    lines = [f"Gate: **{'PASSED' if gate['passed'] else 'FAILED'}** "
+             f"({sum(not c['passed'] for c in gate['checks'])} of {len(gate['checks'])} checks failed)", "",
+             "| check | threshold | measured | result |", "|---|---:|---:|---|"]
+    lines += [f"| {c['name']} | {c['threshold']:g} | {c['measured']:.4g} | {'pass' if c['passed'] else '**FAIL**'} |"
+              for c in gate["checks"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_junit(gate: dict, path: str | Path, suite: str = "ticketforge.gate") -> None:
+    """JUnit XML, one test case per check, so any CI lists each check with its numbers."""
+    failures = sum(not c["passed"] for c in gate["checks"])
+    root = ET.Element("testsuites", tests=str(len(gate["checks"])), failures=str(failures))
+    ts = ET.SubElement(root, "testsuite", name=suite, tests=str(len(gate["checks"])), failures=str(failures),
+                       errors="0", skipped="0")
+    for c in gate["checks"]:
+        case = ET.SubElement(ts, "testcase", classname=suite, name=c["name"])
+        text = f"measured {c['measured']:.6g}, threshold {c['threshold']:g}"
+        ET.SubElement(case, "system-out").text = text
+        if not c["passed"]:
+            ET.SubElement(case, "failure", message=text, type="GateCheckFailed").text = text
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+
+
+def check_junit_path(path: str | Path | None) -> None:
+    """Refuse an unusable --junit path before any work starts."""
+    if path is not None and Path(path).is_dir():
+        raise UserError(f"--junit {path} is a folder; give a file path such as gate.xml")
+
+
+def append_step_summary(markdown: str) -> None:
+    """GitHub Actions shows $GITHUB_STEP_SUMMARY on the run's page; elsewhere this does nothing."""
+    target = os.environ.get("GITHUB_STEP_SUMMARY")
+    if target:
+        with open(target, "a", encoding="utf-8") as f:
+            f.write(markdown + "\n")
