@@ -104,3 +104,119 @@ def resnet20(num_classes: int = 10, in_channels: int = 3, width: int = 16) -> nn
             cin = cout
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
     return nn.Sequential(*layers)
+
+
+def _divisible(v: float, divisor: int = 8) -> int:
+    """Round a scaled width to a multiple of `divisor` (never below 90% of it), as MobileNet does."""
+    n = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return n + divisor if n < 0.9 * v else n
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expansion, 3x3 depthwise, 1x1 linear projection (no activation after
+    it: a ReLU in the narrow space would destroy information); identity shortcut when shapes allow."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)]
+        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+                   nn.ReLU6(inplace=True),
+                   nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.body = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        return x + self.body(x) if self.residual else self.body(x)
+
+
+# (expansion, channels, blocks, first stride): MobileNetV2's stages for small images, the
+# ImageNet stem stride and the two widest stages dropped so that 8x8 and 32x32 inputs keep a
+# spatial extent to the end.
+MOBILENETV2_SMALL = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 2, 2), (6, 96, 2, 1)]
+
+
+@register_model("mobilenetv2")
+def mobilenetv2(num_classes: int = 10, in_channels: int = 3, width: float = 0.5, last_channels: int = 256) -> nn.Module:
+    """MobileNetV2-style net (Sandler et al. 2018) for small images; `width` scales every stage."""
+    c = _divisible(32 * width)
+    layers: list[nn.Module] = [nn.Sequential(nn.Conv2d(in_channels, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c),
+                                             nn.ReLU6(inplace=True))]
+    for t, ch, n, s in MOBILENETV2_SMALL:
+        cout = _divisible(ch * width)
+        for i in range(n):
+            layers.append(InvertedResidual(c, cout, s if i == 0 else 1, t))
+            c = cout
+    layers += [nn.Sequential(nn.Conv2d(c, last_channels, 1, bias=False), nn.BatchNorm2d(last_channels),
+                             nn.ReLU6(inplace=True)),
+               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(last_channels, num_classes)]
+    return nn.Sequential(*layers)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with explicit qkv and output Linears (rather than
+    nn.MultiheadAttention) so that every weight is a prunable Linear and exports as MatMul/Gemm."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer encoder block: x + attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, num_classes: int, in_channels: int, image_size: int, patch_size: int, dim: int,
+                 depth: int, heads: int, mlp_dim: int, pool: str):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        self.pool = pool
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, patch_size)
+        tokens = (image_size // patch_size) ** 2 + (pool == "cls")
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        self.blocks = nn.Sequential(*[TransformerBlock(dim, heads, mlp_dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)
+        x = self.norm(self.blocks(x + self.pos_embed))
+        return self.head(x[:, 0] if self.cls_token is not None else x.mean(1))
+
+
+@register_model("vit")
+def vit(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, patch_size: int = 4, dim: int = 64,
+        depth: int = 4, heads: int = 4, mlp_dim: int = 128, pool: str = "cls") -> nn.Module:
+    """A small Vision Transformer (Dosovitskiy et al. 2021); for 8x8 digits use image_size=8 with
+    patch_size 2 or 4."""
+    return VisionTransformer(num_classes, in_channels, image_size, patch_size, dim, depth, heads, mlp_dim, pool)

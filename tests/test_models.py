@@ -1,0 +1,60 @@
+"""Built-in architectures: shapes, the structure each promises, ONNX export, and the whole
+magnitude recipe end to end on 8x8 digits."""
+import pytest
+import torch
+from torch import nn
+
+from ticketforge import recipe as recipe_mod
+from ticketforge.export import export_onnx
+from ticketforge.models import MODELS, build
+from ticketforge.pipeline import Job, compress
+from ticketforge.recipe import ExportConfig
+from ticketforge.ui import UI
+from ticketforge.validate import session
+
+from tests.tiny import FAST, TINY, saved, small_digits
+
+def test_every_builtin_has_a_tiny_config():
+    assert set(TINY) == set(MODELS)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_export_matches_torch(arch, tmp_path):
+    model = build(arch, TINY[arch]).eval()
+    x = torch.rand(3, 1, 8, 8)
+    path = export_onnx(model, x[:2], tmp_path / "m.onnx", ExportConfig())
+    got = session(path).run(None, {"input": x.numpy()})[0]  # batch 3: the batch axis is dynamic
+    assert abs(got - model(x).detach().numpy()).max() < 1e-4
+
+
+def test_mobilenetv2_structure():
+    model = build("mobilenetv2", TINY["mobilenetv2"])
+    blocks = [m for m in model.modules() if type(m).__name__ == "InvertedResidual"]
+    assert blocks and any(b.residual for b in blocks) and not all(b.residual for b in blocks)
+    for b in blocks:
+        convs = [m for m in b.body if isinstance(m, nn.Conv2d)]
+        dw = [c for c in convs if c.groups > 1]
+        assert len(dw) == 1 and dw[0].groups == dw[0].in_channels == dw[0].out_channels
+        # the projection is linear: nothing follows its BatchNorm
+        assert isinstance(b.body[-1], nn.BatchNorm2d) and b.body[-2] is convs[-1]
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_vit_weights_are_all_linear_or_patch_conv(pool):
+    model = build("vit", {**TINY["vit"], "pool": pool})
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # per block: qkv, proj, two MLP layers; plus the head
+    assert len(linears) == 4 * TINY["vit"]["depth"] + 1
+    assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("arch", ["mobilenetv2", "vit"])
+def test_magnitude_recipe_end_to_end(arch, tmp_path):
+    recipe = recipe_mod.resolve("magnitude", FAST + ["finetune.epochs=1"], sparsity=0.5)
+    report = compress(Job(model_path=saved(arch, tmp_path / "m.pt"), recipe=recipe,
+                          data=small_digits(tmp_path / "d.npz"), arch=arch,
+                          arch_kwargs=TINY[arch], out=tmp_path / "out", ui=UI(quiet=True)))
+    assert (tmp_path / "out" / "model.onnx").exists()
+    assert report["parity"] < 1e-3
+    assert report["sparsity"]["torch"] == pytest.approx(0.5, abs=1e-3)
