@@ -16,6 +16,19 @@ from ticketforge.errors import UserError, VerificationError
 from ticketforge.ui import UI
 
 
+def explain(exc: Exception) -> str | None:
+    """One line for failures of the machine rather than of our code or the input: out of (GPU)
+    memory, a full disk, a folder that cannot be written."""
+    torch = sys.modules.get("torch")  # not imported for `recipes` and friends
+    if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
+        return ("out of GPU memory; try a smaller batch (--set finetune.batch_size=..., search.batch_size=..., "
+                "train.batch_size=...) or --device cpu; nothing was written to the output folder")
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror}{where}; nothing was written to the output folder"
+    return None
+
+
 def guarded(fn):
     """Turn our errors into one line and an exit code; tracebacks only with --debug."""
     @functools.wraps(fn)
@@ -35,6 +48,10 @@ def guarded(fn):
         except Exception as exc:  # a bug of ours: still one line unless --debug
             if debug:
                 raise
+            known = explain(exc)
+            if known is not None:
+                ui.error(known)
+                sys.exit(2)
             ui.error(f"{type(exc).__name__}: {exc} (internal error; run with --debug for the traceback)")
             sys.exit(2)
     return wrapper

@@ -145,6 +145,25 @@ def loader(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, d
                       drop_last=drop_last and len(ds) > batch_size, sampler=sampler)
 
 
+_SPATIAL = {torch.nn.Conv1d: ("L",), torch.nn.Conv2d: ("H", "W"), torch.nn.Conv3d: ("D", "H", "W")}
+
+
+def expected_input(model: torch.nn.Module) -> str | None:
+    """What the model's first weight layer takes, e.g. "its first layer 0.0 (Conv2d) expects
+    (batch, 3, H, W)"; None when there is none. The first layer in registration order is usually,
+    not always, the first one applied, hence the wording."""
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            shape = ("batch", str(m.in_features))
+        else:
+            spatial = next((dims for cls, dims in _SPATIAL.items() if isinstance(m, cls)), None)
+            if spatial is None:
+                continue
+            shape = ("batch", str(m.in_channels), *spatial)
+        return f"its first layer {name or '(the model itself)'} ({type(m).__name__}) expects ({', '.join(shape)})"
+    return None
+
+
 def check_against_model(bundle: DataBundle, model: torch.nn.Module) -> int:
     """Run one validation batch through the model: shape errors and label range become clear errors.
     Returns the number of classes."""
@@ -154,8 +173,10 @@ def check_against_model(bundle: DataBundle, model: torch.nn.Module) -> int:
         with torch.no_grad():
             out = model(x)
     except Exception as exc:
+        expects = expected_input(model)
         raise UserError(f"the model rejects inputs of shape {tuple(x.shape)} (batch, *sample) from --data "
-                        f"{bundle.spec}: {str(exc).splitlines()[0]}") from None
+                        f"{bundle.spec}{'; ' + expects if expects else ''}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise UserError(f"the model must return logits of shape (batch, classes); got "
                         f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
@@ -163,5 +184,6 @@ def check_against_model(bundle: DataBundle, model: torch.nn.Module) -> int:
     for name, ds in (("training", bundle.train), ("validation", bundle.val)):
         y = labels_of(ds)
         if len(y) and int(y.max()) >= classes:
-            raise UserError(f"the {name} labels go up to {int(y.max())} but the model has {classes} outputs")
+            raise UserError(f"the {name} labels go up to {int(y.max())} but the model has {classes} outputs "
+                            f"(labels must be 0..{classes - 1})")
     return classes

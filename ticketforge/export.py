@@ -13,7 +13,7 @@ import onnx
 import torch
 from torch import nn
 
-from ticketforge.errors import UserError
+from ticketforge.errors import UserError, VerificationError
 from ticketforge.recipe import ExportConfig
 
 
@@ -56,5 +56,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
         m = onnx.load(str(path))
         onnx.save_model(m, str(path), save_as_external_data=False)
         os.remove(stray)
-    onnx.checker.check_model(str(path))
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise VerificationError(f"onnx.checker rejects the exported {path.name}: "
+                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'invalid model'}") from None
     return path

@@ -60,6 +60,14 @@ def _fit(model: nn.Module, state: dict, arch: str) -> None:
     model.load_state_dict(state)
 
 
+def _unpickler_reason(exc: Exception) -> str:
+    """The line of torch's long weights_only message that says what was wrong."""
+    text = str(exc)
+    tail = text.split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 def load_model(path: str | Path, arch: str | None = None, arch_kwargs: dict | None = None,
                trust_pickle: bool = False) -> LoadedModel:
     path = Path(path)
@@ -69,6 +77,12 @@ def load_model(path: str | Path, arch: str | None = None, arch_kwargs: dict | No
         raise UserError(f"model path {path} is not a file")
     if path.stat().st_size == 0:
         raise UserError(f"model file {path} is empty")
+
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"PK\x03\x04" and not zipfile.is_zipfile(path):  # torch.save's zip, cut short
+        raise UserError(f"{path} is a truncated or corrupt PyTorch file: its zip archive has no end "
+                        "(an interrupted download or copy?)")
 
     if _is_torchscript(path):
         try:
@@ -81,9 +95,11 @@ def load_model(path: str | Path, arch: str | None = None, arch_kwargs: dict | No
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
         kind = "state_dict"
     except pickle.UnpicklingError as exc:
-        if "weights_only" not in str(exc) and "Unsupported global" not in str(exc):
+        # Only a pickle that names a Python global (a class or function to call) carries code;
+        # any other refusal of the weights-only unpickler means bytes that are not a pickle.
+        if not any(m in str(exc) for m in ("Unsupported global", "Unsupported class")):
             raise UserError(f"{path} is not a readable PyTorch file (corrupt or truncated?): "
-                            f"{str(exc).splitlines()[0]}") from None
+                            f"{_unpickler_reason(exc)}") from None
         if not trust_pickle:
             raise UserError(
                 f"{path} is a pickle that carries Python objects, not just tensors; loading it would run code "

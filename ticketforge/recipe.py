@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -151,7 +152,10 @@ def _coerce(path: str, value: Any, tp, meta: dict) -> Any:
     elif tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"recipe key '{path}': expected a number, got {value!r}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise UserError(f"recipe key '{path}': expected a finite number, got {value!r}") from None
         if value != value or value in (float("inf"), float("-inf")):
             raise UserError(f"recipe key '{path}': expected a finite number, got {value!r}")
     elif tp is str:
@@ -229,9 +233,26 @@ def builtin_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("ticketforge.recipes").iterdir() if p.name.endswith(".yaml"))
 
 
+class _Loader(yaml.SafeLoader):
+    """Safe YAML, read the way a user means it: 2:4 is an N:M pattern (not the base-60 number 124
+    of YAML 1.1) and 1e-5 is a number (YAML 1.1 wants 1.0e-5), as in YAML 1.2."""
+
+    def construct_yaml_int(self, node):
+        return self.construct_scalar(node) if ":" in node.value else super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node):
+        return self.construct_scalar(node) if ":" in node.value else super().construct_yaml_float(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+_Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
+
+
 def _read_yaml(text: str, where: str) -> dict:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         raise UserError(f"recipe {where} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if data is None:
@@ -274,7 +295,7 @@ def parse_set(item: str) -> tuple[list[str], Any]:
     if not all(k.strip() for k in keys):
         raise UserError(f"--set {item!r}: expected key.path=value")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = yaml.load(text, Loader=_Loader) if text.strip() else ""
     except yaml.YAMLError:
         value = text
     return [k.strip() for k in keys], value

@@ -18,7 +18,9 @@ class UI:
             self.console.print(msg, markup=False)
 
     def error(self, msg: str) -> None:
-        self.console.print(f"error: {msg}", markup=False, style="bold red")
+        # One line, however narrow the terminal and whatever the message quotes (scripts grep it).
+        msg = " ".join(line.strip() for line in str(msg).splitlines() if line.strip())
+        self.console.print(f"error: {msg}", markup=False, style="bold red", soft_wrap=True)
 
     @contextmanager
     def progress(self, description: str, total: int):

@@ -13,6 +13,7 @@ from onnx import numpy_helper
 from torch.utils.data import Dataset
 
 from ticketforge.data import loader
+from ticketforge.errors import VerificationError
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 
@@ -21,7 +22,11 @@ def session(path: str | Path, provider: str = "CPUExecutionProvider") -> ort.Inf
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=[provider])
+    try:
+        return ort.InferenceSession(str(path), opts, providers=[provider])
+    except Exception as exc:  # ORT raises its own pybind exception types for a model it cannot run
+        raise VerificationError(f"ONNX Runtime ({provider}) cannot load {Path(path).name}: "
+                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
 
 
 def run(sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
