@@ -6,6 +6,7 @@ from typing import Callable
 
 from torch import nn
 
+from ticketforge.errors import UserError
 from ticketforge.masks import Mask
 from ticketforge.recipe import Recipe
 
@@ -34,6 +35,21 @@ def keep_zeros(model: nn.Module, mask: Mask | None, recipe: Recipe) -> Converted
     if mask is not None:
         mask.apply(model)
     return Converted(model=model, mask=mask, info={"structure": "unstructured"})
+
+
+@register("blocks")
+def removed_blocks(model: nn.Module, mask: Mask | None, recipe: Recipe) -> Converted:
+    """The layer search already removed the blocks physically; record which, so that ticket.pt can be
+    rebuilt (ticketforge.search.layers.remove_blocks on a fresh model, then load_state_dict)."""
+    from ticketforge.search.layers import RemovedBlock
+
+    removed = {n: m.was for n, m in model.named_modules() if isinstance(m, RemovedBlock)}
+    if not removed:
+        raise UserError("convert.structure blocks: no residual block was removed; it goes with search.method layers")
+    if mask is not None:
+        mask.apply(model)
+    return Converted(model=model, mask=mask, info={"structure": "blocks", "removed_blocks": removed},
+                     spec={"removed_blocks": list(removed)})
 
 
 def convert(model: nn.Module, mask: Mask | None, recipe: Recipe) -> Converted:

@@ -224,6 +224,9 @@ def validate(data: dict) -> Recipe:
     if recipe.search.method not in METHODS:
         raise UserError(f"recipe key 'search.method': unknown method {recipe.search.method!r}; "
                         f"allowed: {', '.join(sorted(METHODS))}")
+    if (recipe.search.method == "layers") != (recipe.convert.structure == "blocks"):
+        raise UserError("recipe: search.method layers and convert.structure blocks go together "
+                        f"(got {recipe.search.method} with {recipe.convert.structure})")
     return recipe
 
 

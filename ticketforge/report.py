@@ -50,6 +50,11 @@ def to_markdown(r: dict) -> str:
                   f"layers with sparse kernels: {', '.join(trt['sparse_layers']) or 'none'}."]
     if "gate" in r:
         lines += ["", gate.to_markdown(r["gate"]).rstrip()]
+    rounds = r["search"].get("rounds")
+    if rounds:  # iterative searches (IMP): one row per round
+        lines += ["", "| round | sparsity | validation accuracy | seconds |", "|---:|---:|---:|---:|"]
+        lines += [f"| {x['round']} | {_pct(x['sparsity'])} | {_pct(x['accuracy'])} | {x['seconds']:.1f} |"
+                  for x in rounds]
     t = r["timings"]
     lines += ["", "Time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()), ""]
     if r.get("notes"):

@@ -1,0 +1,177 @@
+"""Iterative magnitude pruning (IMP): each round removes `search.prune_fraction` of the remaining
+prunable weights by global magnitude, then retrains the survivors; rounds repeat until the target
+sparsity, the last round landing exactly on it.
+
+- search.start trained: learning-rate rewinding (Renda et al. 2020). The weights are kept, the
+  learning-rate schedule restarts every round and runs `search.epochs` epochs (lr and optimizer of
+  the `finetune` section).
+- search.start rewind / init: the lottery ticket procedure (Frankle & Carbin 2018; Frankle et al.
+  2019). The dense network is trained from the start point for the rest of the `train` schedule;
+  each round the survivors are reset to the start-point weights and retrained with that schedule.
+
+Every finished round is saved (mask and weights) in the run's work folder, and a re-run of the same
+command continues after the last finished round, as open_lth's runner does: each step returns
+early when its output exists. A round's randomness (data order, any dropout) is seeded from
+(seed, round), so a resumed run ends with the same mask as an uninterrupted one."""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ticketforge import finetune
+from ticketforge.data import loader
+from ticketforge.errors import UserError
+from ticketforge.masks import Mask, global_topk, keep_count, prunable
+from ticketforge.search import SearchContext, SearchResult, register
+
+
+def round_count(sparsity: float, fraction: float) -> int:
+    """Rounds to reach `sparsity` removing `fraction` of the remaining weights per round:
+    ceil(log(1 - s) / log(1 - f)) (the last round removes less when it would overshoot)."""
+    if sparsity <= 0:
+        return 0
+    # The tolerance keeps exact powers (s = 1 - 0.8^2 = 0.36) at their round count despite rounding.
+    return max(1, math.ceil(math.log(1 - sparsity) / math.log(1 - fraction) - 1e-9))
+
+
+def schedule(total: int, sparsity: float, fraction: float) -> list[int]:
+    """Weights kept after each round; the last entry is exactly the target count."""
+    n = round_count(sparsity, fraction)
+    target = keep_count(total, sparsity)
+    kept = [max(target, int(round(total * (1 - fraction) ** r))) for r in range(1, n)]
+    return kept + [target] if n else []
+
+
+def round_seed(seed: int, r: int) -> int:
+    """Each round's own random stream, so that a resumed round replays exactly."""
+    return (seed * 1_000_003 + r) % 2 ** 63
+
+
+def prune_step(model: torch.nn.Module, mask: Mask, keep: int) -> Mask:
+    """Global magnitude over the survivors: weights pruned earlier never come back."""
+    scores = {n: torch.where(mask[n].to(w.device), w.detach().abs(), torch.full_like(w, -1.0)).cpu()
+              for n, w in prunable(model).items()}
+    return global_topk(scores, keep)
+
+
+def _save(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a round counts as finished only once its whole file is there
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class _Trainer:
+    """How one round (and, for rewind/init, the dense run) trains."""
+
+    def __init__(self, ctx: SearchContext, schedule_over: dict):
+        self.ctx = ctx
+        ft = ctx.recipe.finetune
+        cfg = ctx.recipe.search
+        if schedule_over:   # rewind / init: the rest of the `train` schedule
+            self.kw = {k: schedule_over[k] for k in ("epochs", "lr", "start_epoch", "total_epochs", "optimizer",
+                                                      "momentum", "weight_decay")}
+            self.batch_size = schedule_over.get("batch_size", ft.batch_size)
+        else:               # learning-rate rewinding: a fresh schedule of search.epochs each round
+            epochs = max(1, int(round(cfg.epochs)))
+            self.kw = {"epochs": epochs, "lr": ft.lr, "start_epoch": 0, "total_epochs": epochs,
+                       "optimizer": ft.optimizer, "momentum": ft.momentum, "weight_decay": ft.weight_decay}
+            self.batch_size = ft.batch_size
+        self.kw["grad_clip"] = ft.grad_clip
+
+    def __call__(self, model, mask: Mask | None, r: int, desc: str) -> float:
+        ctx = self.ctx
+        with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+            torch.manual_seed(round_seed(ctx.seed, r))
+            data = loader(ctx.data.train, self.batch_size, shuffle=True, seed=round_seed(ctx.seed, r))
+            finetune.train(model, data, device=ctx.device, mask=mask, ui=ctx.ui, desc=desc, **self.kw)
+        return finetune.evaluate(model, loader(ctx.data.val, 256), ctx.device)
+
+
+def _start(ctx: SearchContext):
+    """The weights rounds restart from, plus the schedule they retrain with ({} for LR rewinding)."""
+    if ctx.recipe.search.start == "trained":
+        return ctx.model, {}, {"start": "trained", "retrain": "learning-rate rewinding"}
+    from ticketforge.search.start import starting_point
+    sp = starting_point(ctx)
+    return sp.model, sp.finetune, {**sp.info, "retrain": "weight rewinding"}
+
+
+@register("imp")
+def imp(ctx: SearchContext) -> SearchResult:
+    if isinstance(ctx.model, torch.jit.ScriptModule):
+        raise UserError("IMP retrains the model between rounds, which needs an eager nn.Module: "
+                        "give a state_dict with --arch instead of a TorchScript archive")
+    cfg = ctx.recipe.search
+    total = sum(w.numel() for w in prunable(ctx.model).values())
+    if total == 0:
+        raise UserError("IMP: the model has no prunable Conv or Linear weights")
+    plan = schedule(total, cfg.sparsity, cfg.prune_fraction)
+    work = ctx.workdir
+    done = 0
+    if work is not None:
+        while done < len(plan) and (work / f"round-{done + 1:03d}.pt").exists():
+            done += 1
+
+    rewinding = cfg.start != "trained"
+    model, over, info = _start(ctx)
+    train_round = _Trainer(ctx, over)
+    rows: list[dict] = []
+    start_state = None
+    if rewinding:
+        # Round 0 of the lottery procedure: the dense network trained to the end of the schedule.
+        start_state = copy.deepcopy(model.state_dict())
+        dense_file = work / "dense.pt" if work is not None else None
+        if dense_file is not None and dense_file.exists():
+            saved = _load(dense_file)
+            model.load_state_dict(saved["trained"])
+            ctx.ui.log("resuming: the dense training is already done, skipped")
+        else:
+            t = time.perf_counter()
+            acc = train_round(model, None, 0, "IMP dense training")
+            saved = {"trained": model.state_dict(),
+                     "row": {"round": 0, "sparsity": 0.0, "accuracy": acc, "seconds": time.perf_counter() - t}}
+            if dense_file is not None:
+                _save(dense_file, saved)
+        rows.append(saved["row"])
+
+    mask = Mask.ones_like(model)
+    if done:
+        ctx.ui.log(f"resuming: rounds 1-{done} of {len(plan)} already done, skipped")
+        for r in range(1, done + 1):
+            last = _load(work / f"round-{r:03d}.pt")
+            rows.append(last["row"])
+        model.load_state_dict(last["state_dict"])
+        mask = Mask(last["mask"])
+
+    for r in range(done + 1, len(plan) + 1):
+        t = time.perf_counter()
+        mask = prune_step(model, mask, plan[r - 1])
+        if rewinding:
+            model.load_state_dict(start_state)
+        acc = train_round(model, mask, r, f"IMP round {r}/{len(plan)}")
+        row = {"round": r, "sparsity": mask.sparsity, "accuracy": acc, "seconds": time.perf_counter() - t}
+        rows.append(row)
+        ctx.ui.log(f"IMP round {r}/{len(plan)}: sparsity {mask.sparsity:.4f}, validation accuracy {acc:.4f}, "
+                   f"{row['seconds']:.1f} s")
+        if work is not None:
+            _save(work / f"round-{r:03d}.pt", {"mask": mask.state_dict(), "state_dict": model.state_dict(),
+                                                 "row": row})
+
+    info.update({"method": "imp", "rounds": rows, "planned_rounds": len(plan), "resumed_rounds": done,
+                 "prune_fraction": cfg.prune_fraction, "kept": mask.kept, "total": mask.total,
+                 "epochs_per_round": train_round.kw["epochs"],
+                 "notes": [f"IMP: {len(plan)} rounds of {cfg.prune_fraction:g} of the remaining weights; the last "
+                           "round's retraining is the fine-tune (finetune.epochs adds more on top)"]})
+    scores = {n: w.detach().abs() for n, w in prunable(model).items()}
+    # A rewound ticket has already been retrained for the whole schedule: no second fine-tune.
+    return SearchResult(model=model, mask=mask, info=info, scores=scores,
+                        finetune={"epochs": 0} if rewinding else {})
