@@ -100,7 +100,10 @@ def _start(ctx: SearchContext):
     """The weights rounds restart from, plus the schedule they retrain with ({} for LR rewinding)."""
     if ctx.recipe.search.start == "trained":
         return ctx.model, {}, {"start": "trained", "retrain": "learning-rate rewinding"}
-    from ticketforge.search.start import starting_point
+    try:
+        from ticketforge.search.start import starting_point
+    except ImportError:  # the shared start-point module is not in this build yet
+        raise UserError("IMP: search.start rewind and init are not available yet; use search.start trained") from None
     sp = starting_point(ctx)
     return sp.model, sp.finetune, {**sp.info, "retrain": "weight rewinding"}
 

@@ -2,14 +2,15 @@
 
 Which blocks can go. A block is a submodule whose forward adds its own input to a branch computed
 from that input: out = post(x + f(x)), e.g. relu(x + f(x)) (ResNet basic block) or x + f(x)
-(MobileNetV2 inverted residual). Found generically with torch.fx, not by class: each submodule is
+(MobileNetV2 inverted residual); a transformer block, x' = x + a(x); x' + m(x'), is one too
+(zeroing a leaves x' = x, so the second add adds the input again). Found generically with torch.fx, not by class: each submodule is
 traced on its own and its graph searched for an add with one operand the module's input (directly
 or through nn.Identity) and the other depending on it. Downsampling blocks (shortcut conv) do not
 qualify: their shortcut is not the input.
 
 What removing means. The branch is set to zero, exactly: what is left computes post(x), e.g.
 relu(x), with every op of the branch gone (the traced graph with the add replaced by its identity
-operand, dead code eliminated). A block qualifies only if nothing with weights survives that.
+operand, dead code eliminated, repeated while weights remain). A block qualifies only if nothing with weights survives that.
 Nested candidates are reduced to the innermost one.
 
 Which blocks go. One Binary Concrete gate per block scales its residual branch, x + g f(x); the
@@ -78,52 +79,71 @@ def _depends_on(node: fx.Node, x: fx.Node) -> bool:
     return False
 
 
-def _residual(module: nn.Module):
-    """Trace `module`; return (graph module, add node, identity operand, branch operand) for its
-    identity-shortcut residual add, or None."""
+def _trace(module: nn.Module) -> fx.GraphModule | None:
     try:
-        gm = fx.symbolic_trace(module)
+        return fx.symbolic_trace(module)
     except Exception:  # data-dependent control flow etc.: not something we can rewrite safely
         return None
+
+
+def _next_residual(gm: fx.GraphModule):
+    """The first add of the input with a branch computed from it: (add, identity operand index)."""
     xs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(xs) != 1:
         return None
-    x = xs[0]
     for node in gm.graph.nodes:
-        if not _is_add(node):
-            continue
-        a, b = node.args
-        for ident, branch in ((a, b), (b, a)):
-            if isinstance(branch, fx.Node) and _is_input(gm, ident, x) and not _is_input(gm, branch, x) \
-                    and _depends_on(branch, x):
-                return gm, node, ident, branch
+        if _is_add(node):
+            for i in (0, 1):
+                ident, branch = node.args[i], node.args[1 - i]
+                if isinstance(branch, fx.Node) and _is_input(gm, ident, xs[0]) and not _is_input(gm, branch, xs[0]) \
+                        and _depends_on(branch, xs[0]):
+                    return node, i
     return None
 
 
-def removed_version(module: nn.Module, name: str = "") -> RemovedBlock | None:
-    """The block with its branch zeroed, or None if `module` is not a removable residual block."""
-    found = _residual(module)
-    if found is None:
+def _zero_branches(module: nn.Module):
+    """Zero the residual branches one after the other (a transformer block has two: once the first
+    is gone the second adds the input too) until nothing with weights is left. Returns the
+    rewritten graph module and the (add node name, identity operand index) pairs, or None when
+    `module` is not a removable block."""
+    gm = _trace(module)
+    if gm is None:
         return None
-    gm, add, ident, _ = found
-    add.replace_all_uses_with(ident)
-    gm.graph.erase_node(add)
-    gm.graph.eliminate_dead_code()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    if any(True for _ in gm.parameters()):  # the add was not the block's only path
-        return None
-    return RemovedBlock(gm, type(module).__name__)
+    adds = []
+    while any(True for _ in gm.parameters()):
+        found = _next_residual(gm)
+        if found is None:
+            return None
+        add, i = found
+        adds.append((add.name, i))
+        add.replace_all_uses_with(add.args[i])
+        gm.graph.erase_node(add)
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    return (gm, adds) if adds else None
+
+
+def removed_version(module: nn.Module) -> RemovedBlock | None:
+    """The block with its residual branches zeroed, or None if it is not a removable block."""
+    found = _zero_branches(module)
+    return None if found is None else RemovedBlock(found[0], type(module).__name__)
 
 
 def gated_version(module: nn.Module) -> fx.GraphModule:
-    """The block computing post(x + gate * f(x)), with `gate` a buffer (1 = the block as it is)."""
-    gm, add, ident, branch = _residual(module)
+    """The block computing post(x + gate * f(x)) (every residual branch scaled by the same gate),
+    with `gate` a buffer: 1 is the block as it is, 0 the block removed."""
+    _, adds = _zero_branches(module)
+    gm = _trace(module)
     gm.register_buffer(_GATE, torch.ones((), device=next(module.parameters()).device))
-    with gm.graph.inserting_before(add):
-        g = gm.graph.get_attr(_GATE)
-        scaled = gm.graph.call_function(operator.mul, (branch, g))
-    add.args = (ident, scaled)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, i in adds:
+        add = nodes[name]
+        with gm.graph.inserting_before(add):
+            scaled = gm.graph.call_function(operator.mul, (add.args[1 - i], gm.graph.get_attr(_GATE)))
+        args = list(add.args)
+        args[1 - i] = scaled
+        add.args = tuple(args)
     gm.recompile()
     return gm
 
