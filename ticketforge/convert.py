@@ -6,7 +6,8 @@ from typing import Callable
 
 from torch import nn
 
-from ticketforge.errors import UserError
+from ticketforge import nm
+from ticketforge.errors import UserError, VerificationError
 from ticketforge.masks import Mask
 from ticketforge.recipe import Recipe
 
@@ -50,6 +51,25 @@ def removed_blocks(model: nn.Module, mask: Mask | None, recipe: Recipe) -> Conve
         mask.apply(model)
     return Converted(model=model, mask=mask, info={"structure": "blocks", "removed_blocks": removed},
                      spec={"removed_blocks": list(removed)})
+
+
+@register("2:4")
+def to_2to4(model: nn.Module, mask: Mask | None, recipe: Recipe) -> Converted:
+    """The zeros stay in a dense tensor (as apex ASP and ModelOpt export them); a runtime with
+    sparse kernels (TensorRT with SPARSE_WEIGHTS on Ampere or newer) compresses them."""
+    if mask is None:
+        raise VerificationError("2:4 conversion got no mask: use a 2:4 search method (magnitude_2to4, cts_2to4)")
+    mask.apply(model)
+    state = nm.summary(model)
+    if state["bad_groups"]:
+        raise VerificationError(f"2:4: {state['bad_groups']} of {state['groups']} weight groups in eligible layers "
+                                "have more than 2 non-zeros after fine-tuning")
+    notes = ["2:4 zeros make no CPU runtime faster (measured 0.98-1.04x); the speed-up needs sparse tensor "
+             "cores: TensorRT >= 8 with SPARSE_WEIGHTS (trtexec --sparsity=enable) on Ampere or newer"]
+    if state["ineligible"]:
+        notes.append(f"2:4: {len(state['ineligible'])} layer(s) left dense, not eligible "
+                     f"(out % 8, in % 16): {', '.join(state['ineligible'])}")
+    return Converted(model=model, mask=mask, info={"structure": "2:4", **state, "notes": notes})
 
 
 def convert(model: nn.Module, mask: Mask | None, recipe: Recipe) -> Converted:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -26,9 +27,16 @@ def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weig
 def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, device: torch.device,
           optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4, grad_clip: float = 0.0,
           mask: Mask | None = None, ui: UI = SILENT, desc: str = "fine-tune", start_epoch: int = 0,
-          total_epochs: int | None = None) -> list[float]:
+          total_epochs: int | None = None, mask_scale: Callable[[float], float] | None = None) -> list[float]:
     """Train with a cosine learning-rate schedule over `total_epochs` (default `epochs`), starting at
-    `start_epoch` of it (rewinding = starting the schedule again). Returns the mean loss per epoch."""
+    `start_epoch` of it (rewinding = starting the schedule again). Returns the mean loss per epoch.
+
+    With `mask` the pruned weights stay zero; with `mask_scale` as well, they instead enter the forward
+    scaled by mask_scale(fraction of this training done) and keep training, and are zeroed at the end."""
+    decaying = mask is not None and mask_scale is not None
+    if decaying and isinstance(model, torch.jit.ScriptModule):
+        raise UserError("a decaying mask needs an eager nn.Module, not a TorchScript archive: give a state_dict "
+                        "with --arch, or use a hard mask")
     total_epochs = total_epochs or epochs
     steps_per_epoch = len(loader)
     total_steps = max(1, total_epochs * steps_per_epoch)
@@ -36,14 +44,18 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, devic
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
     for _ in range(start_epoch * steps_per_epoch):
         sched.step()
-    if mask is not None:
+    if mask is not None and not decaying:
         mask.apply(model)
     losses = []
     model.train()
-    with (mask.held(model) if mask is not None else _nothing()), ui.progress(desc, epochs * steps_per_epoch) as advance:
+    steps = epochs * steps_per_epoch
+    hold = mask.scaled(model) if decaying else mask.held(model) if mask is not None else _nothing()
+    with hold as set_scale, ui.progress(desc, steps) as advance:
         for epoch in range(epochs):
             total, count = 0.0, 0
-            for x, y in loader:
+            for i, (x, y) in enumerate(loader):
+                if decaying:
+                    set_scale(mask_scale((epoch * steps_per_epoch + i) / max(steps - 1, 1)))
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 loss = nn.functional.cross_entropy(model(x), y)
                 if not torch.isfinite(loss):
@@ -55,12 +67,14 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, devic
                     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
                 opt.step()
                 sched.step()
-                if mask is not None:
+                if mask is not None and not decaying:
                     mask.apply(model)
                 total += loss.item() * len(y)
                 count += len(y)
                 advance(loss=total / count)
             losses.append(total / max(count, 1))
+    if mask is not None:
+        mask.apply(model)
     model.eval()
     return losses
 

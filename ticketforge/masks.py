@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 PRUNABLE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 _SCRIPTED_PRUNABLE = {"Conv1d", "Conv2d", "Conv3d", "Linear"}
@@ -66,6 +67,29 @@ class Mask(dict):
             for h in handles:
                 h.remove()
 
+    @contextmanager
+    def scaled(self, model: nn.Module):
+        """Inside this block the pruned weights enter the forward multiplied by a scale (and get
+        gradients scaled alike) instead of being zero; yields `set_scale(value)`. The weights are
+        left as trained on exit: call apply() to make the mask hard."""
+        modules = dict(model.named_modules())
+        scale = torch.ones(())
+        parts = []
+        for k, m in self.items():
+            owner = modules[k.rsplit(".", 1)[0] if "." in k else ""]
+            part = _Scaled(m.to(owner.weight.device), scale)
+            parametrize.register_parametrization(owner, "weight", part)
+            parts.append(owner)
+
+        def set_scale(value: float) -> None:
+            scale.fill_(value)
+
+        try:
+            yield set_scale
+        finally:
+            for owner in parts:
+                parametrize.remove_parametrizations(owner, "weight", leave_parametrized=False)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.cpu() for k, v in self.items()}
 
@@ -75,6 +99,18 @@ class Mask(dict):
     @classmethod
     def load(cls, path: str | Path) -> "Mask":
         return cls(torch.load(path, map_location="cpu", weights_only=True))
+
+
+class _Scaled(nn.Module):
+    """weight -> weight * (mask + scale * (1 - mask)); `scale` is shared and set from outside."""
+
+    def __init__(self, mask: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.mask, self.scale = mask, scale
+
+    def forward(self, w):
+        keep = self.mask.to(w.dtype)
+        return w * (keep + self.scale.to(w.device, w.dtype) * (1 - keep))
 
 
 def global_topk(scores: dict[str, torch.Tensor], keep: int) -> Mask:

@@ -20,7 +20,7 @@ import torch
 import ticketforge
 from ticketforge import convert as convert_stage
 from ticketforge import export as export_stage
-from ticketforge import finetune, gate as gate_stage, quantize, report as report_stage, search, validate
+from ticketforge import finetune, gate as gate_stage, nm, quantize, report as report_stage, search, validate
 from ticketforge.data import DataBundle, check_against_model, load_data, loader
 from ticketforge.errors import UserError
 from ticketforge.loading import LoadedModel, load_model
@@ -153,7 +153,9 @@ def compress(job: Job) -> dict:
         if epochs:
             finetune.train(model, train_loader, epochs=epochs, lr=found.finetune.get("lr", ft.lr), device=device,
                            optimizer=ft.optimizer, momentum=ft.momentum, weight_decay=ft.weight_decay,
-                           grad_clip=ft.grad_clip, mask=mask, ui=ui)
+                           grad_clip=ft.grad_clip, mask=mask, ui=ui,
+                           mask_scale=nm.pgf_scale if recipe.convert.structure == "2:4"
+                           and recipe.convert.nm_decay == "exponential" else None)
         timings["finetune"] = time.perf_counter() - t
 
         # convert
@@ -180,6 +182,8 @@ def compress(job: Job) -> dict:
             from ticketforge.errors import VerificationError
             raise VerificationError(f"model.onnx disagrees with the torch model: max abs logit difference "
                                     f"{par:.3e} > validate.parity_tol {recipe.validate.parity_tol:g}")
+        nm_section = (nm.read_back(tmp / "model.onnx", conv.info, recipe.convert.nm_decay)
+                      if recipe.convert.structure == "2:4" else None)
         onnx_acc = validate.onnx_accuracy(tmp / "model.onnx", bundle.val)
         dense_onnx_acc = validate.onnx_accuracy(tmp / "dense.onnx", bundle.val)
         stats_d, stats_c = validate.onnx_stats(tmp / "dense.onnx"), validate.onnx_stats(tmp / "model.onnx")
@@ -218,7 +222,7 @@ def compress(job: Job) -> dict:
                      "input_shape": list(bundle.input_shape), "classes": classes},
             "search": found.info,
             "convert": conv.info,
-            "sparsity": {"target": recipe.search.sparsity, "achieved": stats_c["sparsity"],
+            "sparsity": {"target": found.info.get("target_sparsity", recipe.search.sparsity), "achieved": stats_c["sparsity"],
                          "torch": mask.sparsity if mask is not None else 0.0, "per_layer": per_layer},
             "params": {"dense": stats_d["params_nonzero"], "compressed": stats_c["params_nonzero"],
                        "dense_weights": stats_d["weights"], "compressed_weights": stats_c["weights"]},
@@ -230,6 +234,7 @@ def compress(job: Job) -> dict:
             "latency": lat,
             "timings": {k: round(v, 3) for k, v in timings.items()},
             "notes": found.info.get("notes", []) + conv.info.get("notes", []),
+            **({"nm": nm_section} if nm_section else {}),
             **deploy,
         }
         report["gate"] = gate_stage.evaluate(report, dataclasses.asdict(recipe.gate))

@@ -6,6 +6,7 @@ in `metadata`, so defaults, documentation and validation have one source (as ope
 from __future__ import annotations
 
 import copy
+import re
 import dataclasses
 import re
 import types
@@ -227,6 +228,14 @@ def validate(data: dict) -> Recipe:
     if (recipe.search.method == "layers") != (recipe.convert.structure == "blocks"):
         raise UserError("recipe: search.method layers and convert.structure blocks go together "
                         f"(got {recipe.search.method} with {recipe.convert.structure})")
+    nm_method = recipe.search.method.endswith("_2to4")
+    if nm_method != (recipe.convert.structure == "2:4"):
+        raise UserError(f"recipe: a 2:4 search method (magnitude_2to4, cts_2to4) and convert.structure '2:4' go "
+                        f"together; got search.method {recipe.search.method!r} with convert.structure "
+                        f"{recipe.convert.structure!r}")
+    if nm_method and recipe.search.sparsity != 0.5:
+        raise UserError(f"recipe key 'search.sparsity': 2:4 keeps 2 of every 4 weights in each eligible layer, so "
+                        f"it must be 0.5, got {recipe.search.sparsity:g}")
     return recipe
 
 
@@ -297,6 +306,8 @@ def parse_set(item: str) -> tuple[list[str], Any]:
     keys = key.strip().split(".")
     if not all(k.strip() for k in keys):
         raise UserError(f"--set {item!r}: expected key.path=value")
+    if re.fullmatch(r"\s*\d+:\d+\s*", text):  # 2:4 is a pattern; YAML 1.1 would read it as base 60 (124)
+        return [k.strip() for k in keys], text.strip()
     try:
         value = yaml.load(text, Loader=_Loader) if text.strip() else ""
     except yaml.YAMLError:

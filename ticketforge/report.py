@@ -48,6 +48,12 @@ def to_markdown(r: dict) -> str:
     if trt:
         lines += ["", f"TensorRT `{trt['file']}` ({', '.join(trt['precisions'])}): accuracy {_pct(trt['accuracy'])}; "
                   f"layers with sparse kernels: {', '.join(trt['sparse_layers']) or 'none'}."]
+    nm = r.get("nm")
+    if nm:
+        back = nm["onnx"]
+        lines += ["", f"2:4: {back['valid']:,} of {back['groups']:,} weight groups in {back['layers']} eligible layers of "
+                  f"`model.onnx` satisfy {nm['pattern']} ({_pct(back['fraction_valid'])}); "
+                  f"{len(nm['ineligible_layers'])} layer(s) left dense (not eligible); mask decay `{nm['decay']}`."]
     if "gate" in r:
         lines += ["", gate.to_markdown(r["gate"]).rstrip()]
     rounds = r["search"].get("rounds")
