@@ -6,7 +6,6 @@ in `metadata`, so defaults, documentation and validation have one source (as ope
 from __future__ import annotations
 
 import copy
-import re
 import dataclasses
 import re
 import types
@@ -306,8 +305,6 @@ def parse_set(item: str) -> tuple[list[str], Any]:
     keys = key.strip().split(".")
     if not all(k.strip() for k in keys):
         raise UserError(f"--set {item!r}: expected key.path=value")
-    if re.fullmatch(r"\s*\d+:\d+\s*", text):  # 2:4 is a pattern; YAML 1.1 would read it as base 60 (124)
-        return [k.strip() for k in keys], text.strip()
     try:
         value = yaml.load(text, Loader=_Loader) if text.strip() else ""
     except yaml.YAMLError:
