@@ -73,6 +73,14 @@ def in_subprocess(*args, out="out"):
     return r.returncode, lines
 
 
+# ============================================================== the contract's switch: --debug
+
+def test_debug_shows_the_traceback_the_contract_hides():
+    result = compress("nope.pt", "--arch", "digits-resnet", "--debug")
+    assert isinstance(result.exception, UserError) and "does not exist" in str(result.exception)
+    assert "error: " not in result.stderr  # the exception itself propagates, with its traceback
+
+
 # ============================================================== model files
 
 def test_model_missing():
