@@ -143,17 +143,21 @@ def compress(job: Job) -> dict:
         # fine-tune
         t = time.perf_counter()
         ft = recipe.finetune
-        train_loader = loader(bundle.train, ft.batch_size, shuffle=True, seed=job.seed)
+        # A method may override the schedule: rewind retrains for the rest of the `train` schedule.
+        over = found.finetune
+        train_loader = loader(bundle.train, over.get("batch_size", ft.batch_size), shuffle=True, seed=job.seed)
         if mask is not None:
             mask.apply(model)
         if ft.bn_recalibrate:
             finetune.recalibrate_bn(model, train_loader, device)
         acc_before = finetune.evaluate(model, val_loader, device)
-        epochs = found.finetune.get("epochs", ft.epochs)
+        epochs = over.get("epochs", ft.epochs)
         if epochs:
-            finetune.train(model, train_loader, epochs=epochs, lr=found.finetune.get("lr", ft.lr), device=device,
-                           optimizer=ft.optimizer, momentum=ft.momentum, weight_decay=ft.weight_decay,
-                           grad_clip=ft.grad_clip, mask=mask, ui=ui,
+            finetune.train(model, train_loader, epochs=epochs, lr=over.get("lr", ft.lr), device=device,
+                           optimizer=over.get("optimizer", ft.optimizer), momentum=over.get("momentum", ft.momentum),
+                           weight_decay=over.get("weight_decay", ft.weight_decay), grad_clip=ft.grad_clip,
+                           mask=mask, ui=ui, start_epoch=over.get("start_epoch", 0),
+                           total_epochs=over.get("total_epochs"),
                            mask_scale=nm.pgf_scale if recipe.convert.structure == "2:4"
                            and recipe.convert.nm_decay == "exponential" else None)
         timings["finetune"] = time.perf_counter() - t

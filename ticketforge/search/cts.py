@@ -9,6 +9,7 @@ The loop (`concrete_search`) is written over generic gates with a cost each, so 
 searches weights (cost 1 per weight) and coupled channel groups (cost = MACs per channel)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Callable
@@ -21,6 +22,7 @@ from torch.func import functional_call
 from ticketforge.errors import UserError
 from ticketforge.masks import global_topk, keep_count, prunable
 from ticketforge.search import SearchContext, SearchResult, register
+from ticketforge.search.start import starting_point
 
 # The paper scales each objective so its gradient is comparable to the sparsity gradient.
 OBJECTIVE_SCALE = {"reverse_kl": 100.0, "forward_kl": 100.0, "ce": 100.0}
@@ -28,10 +30,15 @@ LR_DROP_AT = 0.88  # Adam lr x0.1 at 88% of the search, as in the authors' code
 
 
 def concrete_sample(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Binary Concrete relaxation: sigmoid((a + L) / t), L logistic noise, drawn afresh each call.
-    (Not hard-concrete: no stretching, no clamping, no straight-through estimator.)"""
+    """Binary Concrete relaxation, drawn afresh each call: m = sigmoid(a + L / t), L logistic noise.
+    (Not hard-concrete: no stretching, no clamping, no straight-through estimator.)
+
+    The authors' code (TLAB models/LotteryLayers.py, sample_concrete) computes
+    sigmoid((L + a t) / t) = sigmoid(a + L / t), not the textbook sigmoid((a + L) / t): the
+    temperature sharpens only the noise, the logit keeps its scale (so the init a = logit(k) and the
+    sparsity gradient sigmoid(a)(1 - sigmoid(a)) describe the same gate). We follow the authors."""
     u = torch.rand_like(logits).clamp_(1e-10, 1 - 1e-10)
-    return torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
+    return torch.sigmoid(logits + (torch.log(u) - torch.log1p(-u)) / temperature)
 
 
 def objective(name: str, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -66,6 +73,7 @@ class GradBalance:
         self.budget, self.mode, self.lagrange_lr = budget, mode, lagrange_lr
         self.lam: float | None = None
 
+    @torch.no_grad()
     def expected(self, logits: list[torch.Tensor], costs: list[torch.Tensor]) -> float:
         return float(sum((torch.sigmoid(a) * c).sum() for a, c in zip(logits, costs)))
 
@@ -187,6 +195,8 @@ def cts(ctx: SearchContext) -> SearchResult:
     if isinstance(ctx.model, torch.jit.ScriptModule):
         raise UserError("CTS needs an eager nn.Module (it substitutes masked weights in the forward); "
                         "give a state_dict with --arch instead of a TorchScript archive")
+    start = starting_point(ctx)
+    ctx = dataclasses.replace(ctx, model=start.model)
     sparsity = ctx.recipe.search.sparsity
     weights = prunable(ctx.model)
     logits = weight_logits(ctx.model, 1 - sparsity)
@@ -199,5 +209,5 @@ def cts(ctx: SearchContext) -> SearchResult:
 
     trained, info = concrete_search(ctx, logits, costs, float(keep), overrides)
     mask = global_topk(trained, keep)
-    info.update({"method": "cts", "kept": mask.kept, "total": total})
-    return SearchResult(model=ctx.model, mask=mask, info=info, scores=trained)
+    info.update({"method": "cts", "kept": mask.kept, "total": total, **start.info})
+    return SearchResult(model=ctx.model, mask=mask, info=info, scores=trained, finetune=start.finetune)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ticketforge.masks import global_topk, keep_count, prunable
 from ticketforge.search import SearchContext, SearchResult, register
+from ticketforge.search.start import starting_point
 
 
 def magnitude_scores(model):
@@ -11,7 +12,9 @@ def magnitude_scores(model):
 
 @register("magnitude")
 def magnitude(ctx: SearchContext) -> SearchResult:
-    scores = magnitude_scores(ctx.model)
+    start = starting_point(ctx)
+    scores = magnitude_scores(start.model)
     total = sum(s.numel() for s in scores.values())
     mask = global_topk(scores, keep_count(total, ctx.recipe.search.sparsity))
-    return SearchResult(model=ctx.model, mask=mask, info={"method": "magnitude", "scope": "global"}, scores=scores)
+    return SearchResult(model=start.model, mask=mask, info={"method": "magnitude", "scope": "global", **start.info},
+                        scores=scores, finetune=start.finetune)
