@@ -106,15 +106,18 @@ def bn_batch_stats(model: nn.Module):
             self.saved = []
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    self.saved.append((m, m.training, m.momentum))
+                    tracked = None if m.num_batches_tracked is None else m.num_batches_tracked.clone()
+                    self.saved.append((m, m.training, m.momentum, tracked))
                     m.train()
                     m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
             return self
 
         def __exit__(self, *exc):
-            for m, training, momentum in self.saved:
+            for m, training, momentum, tracked in self.saved:
                 m.train(training)
                 m.momentum = momentum
+                if tracked is not None:  # train mode counts batches; the model must come back as it was
+                    m.num_batches_tracked.copy_(tracked)
             return False
     return _Ctx()
 
