@@ -27,9 +27,9 @@ def ineligible_reason(shape: tuple[int, ...]) -> str | None:
     if len(shape) < 2:
         return "not a matrix"
     k, c = shape[0], shape[1]
-    if k % 8 or c % 16:
-        return f"out {k} % 8 or in {c} % 16 is not 0"
-    return None
+    why = ([f"out {k} is not a multiple of 8"] if k % 8 else []) + \
+          ([f"in {c} (per group) is not a multiple of 16"] if c % 16 else [])
+    return "; ".join(why) or None
 
 
 def split_layers(model: nn.Module) -> tuple[list[str], dict[str, str]]:
