@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ticketforge import search
+from ticketforge import sanity, search
 from ticketforge.errors import UserError
 from ticketforge.masks import prunable
 from ticketforge.search.start import starting_point
@@ -54,3 +54,140 @@ def test_cts_passes_the_retrain_schedule_on(make_ctx, start):
     assert res.finetune["total_epochs"] == 2 and res.info["start"] == start
     assert res.model is not ctx.model
     assert res.mask.kept == round(0.1 * res.mask.total)
+
+
+# ---------------------------------------------------------------- sanity checks
+
+def _ticket(make_ctx):
+    ctx = make_ctx(["search.method=magnitude", "search.sparsity=0.8", "finetune.epochs=1",
+                    "finetune.batch_size=32"])
+    return ctx, search.run(ctx)
+
+
+def test_shuffled_keeps_each_layers_density_and_moves_the_weights(make_ctx):
+    _, res = _ticket(make_ctx)
+    shuf = sanity.shuffled(res.mask, seed=0)
+    assert {k: int(m.sum()) for k, m in shuf.items()} == {k: int(m.sum()) for k, m in res.mask.items()}
+    assert any(not torch.equal(shuf[k], res.mask[k]) for k in res.mask)
+
+
+def test_inverted_keeps_the_lowest_scores(make_ctx):
+    _, res = _ticket(make_ctx)
+    inv = sanity.inverted(res.scores, res.mask.kept)
+    assert inv.kept == res.mask.kept
+    # 20% kept: the lowest 20% never overlap the highest 20%
+    assert all(not (inv[k] & res.mask[k]).any() for k in inv)
+    kept = torch.cat([res.scores[k][m].flatten() for k, m in inv.items()])
+    pruned = torch.cat([res.scores[k][~m].flatten() for k, m in inv.items()])
+    assert kept.max() <= pruned.min()
+
+
+def test_reinit_keeps_the_mask_and_draws_new_weights(make_ctx):
+    ctx, res = _ticket(make_ctx)
+    built, skipped = sanity.variants(res.model, res.mask, res.scores, ctx.loaded.fresh, seed=0)
+    assert set(built) == set(sanity.VARIANTS) and not skipped
+    net, mask = built["reinit"]
+    assert all(torch.equal(mask[k], res.mask[k]) for k in mask)
+    assert all(not torch.equal(w, prunable(res.model)[k]) for k, w in prunable(net).items())
+
+
+def test_sanity_run_trains_every_variant_without_touching_the_ticket(make_ctx):
+    ctx, res = _ticket(make_ctx)
+    ctx.loaded.arch = None  # reinit cannot be built: reported as skipped, the rest still runs
+    before = {k: w.clone() for k, w in prunable(res.model).items()}
+    out = sanity.run(res.model, res.mask, res.scores, ctx.loaded.fresh, ctx.recipe, res.finetune, ctx.data,
+                     ctx.device)
+    assert set(out["variants"]) == {"shuffled", "inverted"} and "reinit" in out["skipped"]
+    assert all(0.0 <= v["accuracy"] <= 1.0 for v in out["variants"].values())
+    assert all(torch.equal(before[k], w) for k, w in prunable(res.model).items())
+    assert "| inverted |" in "\n".join(sanity.to_markdown(out, 0.5))
+
+
+# ---------------------------------------------------------------- the CTS core
+
+def _toy_task(n=2000, relevant=0.05, seed=0):
+    """A task that needs a few gates on (weights w > 0 on 5% of them) and is indifferent to the rest."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(n, generator=g) * (torch.rand(n, generator=g) < relevant)
+    return w, lambda a: -(w * torch.sigmoid(a)).sum() * 100 / n
+
+
+def _run_balance(balance, a, task, steps):
+    opt = torch.optim.Adam([a], lr=0.1)
+    for _ in range(steps):
+        grads = list(torch.autograd.grad(task(a), [a]))
+        a.grad = balance.combine([a], [torch.ones(())], grads)[0][0]
+        opt.step()
+    return balance.expected([a], [torch.ones(())])
+
+
+def test_gradbalance_drives_expected_density_to_budget():
+    """From nearly dense (88%) to a 10% budget: GRADBALANCE turns the gates the task does not need
+    off until the expected count is within the budget, and keeps the ones it needs."""
+    from ticketforge.search.cts import GradBalance
+
+    w, task = _toy_task()
+    budget = 1.1 * 0.1 * 2000
+    a = torch.full((2000,), 2.0, requires_grad=True)
+    balance = GradBalance(budget)
+    expected = _run_balance(balance, a, task, 600)
+    assert 0.3 * budget < expected <= 1.05 * budget
+    needed = w > 0
+    assert float((a[needed] > 0).float().mean()) > 0.9
+    assert int((a[~needed] > 0).sum()) == 0
+
+
+def test_gradbalance_is_off_below_budget():
+    from ticketforge.search.cts import GradBalance
+
+    balance = GradBalance(100.0)
+    a = torch.full((1000,), -5.0)
+    combined, s = balance.combine([a], [torch.ones(())], [torch.ones(1000)])
+    assert s < 0 and balance.lam == 0.0 and torch.equal(combined[0], torch.ones(1000))
+
+
+def test_lagrange_reaches_the_budget():
+    from ticketforge.search.cts import GradBalance
+
+    _, task = _toy_task()
+    budget = 1.1 * 0.1 * 2000
+    a = torch.full((2000,), math.log(0.1 / 0.9), requires_grad=True)
+    expected = _run_balance(GradBalance(budget, "lagrange", lagrange_lr=0.01), a, task, 600)
+    assert abs(expected / budget - 1) < 0.1
+
+
+def test_kl_objectives_are_zero_when_outputs_agree_and_positive_otherwise():
+    from ticketforge.search.cts import objective
+
+    t = torch.randn(8, 10)
+    y = torch.randint(0, 10, (8,))
+    for name in ("reverse_kl", "forward_kl"):
+        assert objective(name, t.clone(), t, y).abs() < 1e-5
+        assert objective(name, t + torch.randn(8, 10), t, y) > 0
+    s = torch.randn(8, 10)
+    # reverse KL is KL(p_sparse || p_dense), scaled x100
+    ls, lt = s.log_softmax(1), t.log_softmax(1)
+    assert torch.allclose(objective("reverse_kl", s, t, y), 100 * (ls.exp() * (ls - lt)).sum(1).mean())
+
+
+def test_concrete_sample_follows_the_authors_parametrisation():
+    from ticketforge.search.cts import concrete_sample
+
+    torch.manual_seed(0)
+    a = torch.full((200000,), 1.5)
+    m = concrete_sample(a, 2 / 3)
+    assert ((m >= 0) & (m <= 1)).all()
+    # sigmoid(a + L/t) > 1/2  <=>  L > -a t : probability sigmoid(a t)
+    assert abs(float((m > 0.5).float().mean()) - torch.sigmoid(torch.tensor(1.5 * 2 / 3)).item()) < 0.01
+
+
+def test_cts_trains_the_logits_only_and_keeps_the_exact_count(make_ctx):
+    ctx = make_ctx(["search.steps=3", "search.sparsity=0.95"])
+    before = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+    res = search.run(ctx)
+    assert all(torch.equal(before[k], v) for k, v in ctx.model.state_dict().items())  # weights frozen
+    assert all(p.requires_grad for p in ctx.model.parameters())                      # and given back
+    init = math.log(0.05 / 0.95)
+    assert any((s - init).abs().max() > 1e-4 for s in res.scores.values())            # logits moved
+    assert res.mask.kept == round(0.05 * res.mask.total)
+    assert res.info["steps"] == 3 and res.finetune == {}

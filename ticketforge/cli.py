@@ -94,14 +94,17 @@ def parse_kwargs(text: str | None) -> dict | None:
 @click.option("--quiet", is_flag=True, help="no progress output")
 @click.option("--json", "as_json", is_flag=True, help="print report.json on stdout")
 @click.option("--junit", type=click.Path(path_type=Path), help="write the gate's checks as JUnit XML here")
+@click.option("--sanity", is_flag=True, help="also train the sanity-check tickets (shuffled, inverted, "
+              "re-initialised) and report their accuracy (search.sanity)")
 @click.option("--debug", is_flag=True, help="show tracebacks")
 @guarded
 def compress(model, recipe_name, data, arch, arch_kwargs, sparsity, epochs, sets, out, device, seed, val_fraction,
-             trust_pickle, force, quiet, as_json, junit, debug):
+             trust_pickle, force, quiet, as_json, junit, sanity, debug):
     """Compress MODEL with a recipe: search, fine-tune, convert, export, validate."""
     from ticketforge.pipeline import Job, compress as run_compress, default_out
 
-    recipe = recipes.resolve(recipe_name, list(sets), sparsity=sparsity, epochs=epochs)
+    recipe = recipes.resolve(recipe_name, list(sets) + (["search.sanity=true"] if sanity else []),
+                             sparsity=sparsity, epochs=epochs)
     job = Job(model_path=model, recipe=recipe, data=data, out=out, arch=arch, arch_kwargs=parse_kwargs(arch_kwargs),
               trust_pickle=trust_pickle, device=device, seed=seed, force=force, val_fraction=val_fraction,
               ui=UI(quiet=quiet))

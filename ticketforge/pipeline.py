@@ -20,7 +20,7 @@ import torch
 import ticketforge
 from ticketforge import convert as convert_stage
 from ticketforge import export as export_stage
-from ticketforge import finetune, gate as gate_stage, nm, quantize, report as report_stage, search, validate
+from ticketforge import finetune, gate as gate_stage, nm, quantize, report as report_stage, sanity, search, validate
 from ticketforge.data import DataBundle, check_against_model, load_data, loader
 from ticketforge.errors import UserError
 from ticketforge.loading import LoadedModel, load_model
@@ -140,6 +140,14 @@ def compress(job: Job) -> dict:
         model, mask = found.model, found.mask
         timings["search"] = time.perf_counter() - t
 
+        # sanity checks: before the fine-tune, which changes found.model in place
+        sanity_section = None
+        if recipe.search.sanity and mask is not None:
+            t = time.perf_counter()
+            sanity_section = sanity.run(model, mask, found.scores, loaded.fresh, recipe, found.finetune, bundle,
+                                        device, job.seed, ui)
+            timings["sanity"] = time.perf_counter() - t
+
         # fine-tune
         t = time.perf_counter()
         ft = recipe.finetune
@@ -239,6 +247,7 @@ def compress(job: Job) -> dict:
             "timings": {k: round(v, 3) for k, v in timings.items()},
             "notes": found.info.get("notes", []) + conv.info.get("notes", []),
             **({"nm": nm_section} if nm_section else {}),
+            **({"sanity": {**sanity_section, "ticket": compressed_acc}} if sanity_section else {}),
             **deploy,
         }
         report["gate"] = gate_stage.evaluate(report, dataclasses.asdict(recipe.gate))

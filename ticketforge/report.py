@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ticketforge import gate, report_html
+from ticketforge import gate, report_html, sanity
 
 
 def _pct(x) -> str:
@@ -61,6 +61,8 @@ def to_markdown(r: dict) -> str:
         lines += ["", "| round | sparsity | validation accuracy | seconds |", "|---:|---:|---:|---:|"]
         lines += [f"| {x['round']} | {_pct(x['sparsity'])} | {_pct(x['accuracy'])} | {x['seconds']:.1f} |"
                   for x in rounds]
+    if r.get("sanity"):
+        lines += sanity.to_markdown(r["sanity"], r["sanity"]["ticket"])
     t = r["timings"]
     lines += ["", "Time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()), ""]
     if r.get("notes"):
