@@ -1,9 +1,86 @@
+"""Shared fixtures: a small user model (residual block, depthwise conv, BatchNorm) trained briefly
+on real data (scikit-learn's digits), saved the ways users save models."""
 import os
+import sys
+import textwrap
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+USER_MODEL_SRC = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.f = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                                   nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        def forward(self, x):
+            return torch.relu(x + self.f(x))
+
+    class UserNet(nn.Module):
+        def __init__(self, num_classes=10):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+            self.block = Block(16)
+            self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16),
+                                    nn.ReLU(), nn.Conv2d(16, 32, 1), nn.ReLU())
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
+        def forward(self, x):
+            return self.head(self.dw(self.block(self.stem(x))))
+
+    def make():
+        return UserNet()
+
+    def dataset():
+        from sklearn.datasets import load_digits
+        from torch.utils.data import TensorDataset
+        d = load_digits()
+        x = torch.tensor(d.images[:, None] / 16.0, dtype=torch.float32)
+        y = torch.tensor(d.target)
+        return TensorDataset(x[:1500], y[:1500]), TensorDataset(x[1500:], y[1500:])
+''')
+
+
+@pytest.fixture(scope="session")
+def user(tmp_path_factory):
+    """Paths of a trained user model: state_dict, module file, .npz data, TorchScript, pickle."""
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("user")
+    (root / "usermodels.py").write_text(USER_MODEL_SRC)
+    sys.path.insert(0, str(root))
+    import usermodels
+
+    d = load_digits()
+    x = (d.images[:, None] * 16).clip(0, 255).astype(np.uint8)
+    y = d.target.astype(np.int64)
+    np.savez(root / "train.npz", x=x[:1200], y=y[:1200])
+    np.savez(root / "split.npz", x=x[:1200], y=y[:1200], x_val=x[1200:1500], y_val=y[1200:1500])
+    torch.manual_seed(0)
+    model = usermodels.UserNet()
+    xt, yt = torch.tensor(x[:1200], dtype=torch.float32) / 255, torch.tensor(y[:1200])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(4):
+        perm = torch.randperm(len(yt))
+        for i in range(0, len(yt), 64):
+            b = perm[i:i + 64]
+            loss = torch.nn.functional.cross_entropy(model(xt[b]), yt[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    torch.save(model.state_dict(), root / "user.pt")
+    torch.save({"state_dict": model.state_dict(), "arch": "usermodels:UserNet", "data": str(root / "train.npz")},
+               root / "checkpoint.pt")
+    torch.save(model, root / "whole.pt")
+    torch.jit.script(model).save(str(root / "scripted.pt"))
+    return root
 
 
 @pytest.fixture(autouse=True)
@@ -34,3 +111,18 @@ def make_ctx():
         return search.SearchContext(model=loaded.model.eval(), loaded=loaded, data=bundle, recipe=recipe,
                                     device=torch.device("cpu"))
     return make
+
+
+FAST = ["--epochs", "1", "--set", "validate.repeats=3", "--set", "validate.warmup=1", "--quiet"]
+
+
+@pytest.fixture
+def cli():
+    """Run the CLI in-process; returns the click Result (exit_code, output)."""
+    from click.testing import CliRunner
+
+    from ticketforge.cli import cli as app
+
+    def run(*args):
+        return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    return run

@@ -51,14 +51,38 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
     except Exception as exc:
         raise UserError(f"ONNX export ({cfg.exporter}) failed: {type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    m = onnx.load(str(path))  # loads external data too, if the exporter split it out
     stray = Path(str(path) + ".data")
-    if stray.exists():  # the dynamo exporter may still split weights out; fold them back in
-        m = onnx.load(str(path))
-        onnx.save_model(m, str(path), save_as_external_data=False)
+    if stray.exists():
         os.remove(stray)
+    undo_weight_sharing(m)
+    onnx.save_model(m, str(path), save_as_external_data=False)
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
         raise VerificationError(f"onnx.checker rejects the exported {path.name}: "
                                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'invalid model'}") from None
     return path
+
+
+def undo_weight_sharing(m: onnx.ModelProto) -> None:
+    """The exporter merges identical initializers (e.g. two fully pruned convs, all zeros) behind
+    Identity nodes. Give every layer its own weight again, so the file says what each layer holds
+    and anyone counting initializers counts each layer once."""
+    inits = {i.name: i for i in m.graph.initializer}
+    keep = []
+    for node in m.graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits:
+            copy_ = onnx.TensorProto()
+            copy_.CopyFrom(inits[node.input[0]])
+            copy_.name = node.output[0]
+            m.graph.initializer.append(copy_)
+        else:
+            keep.append(node)
+    if len(keep) != len(m.graph.node):
+        del m.graph.node[:]
+        m.graph.node.extend(keep)
+        used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
+        alive = [i for i in m.graph.initializer if i.name in used]
+        del m.graph.initializer[:]
+        m.graph.initializer.extend(alive)

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import yaml
 
@@ -141,6 +141,11 @@ def _coerce(path: str, value: Any, tp, meta: dict) -> Any:
         if value is None:
             return None
         return _coerce(path, value, args[0], meta)
+    if tp in (int, float) and isinstance(value, str):
+        try:  # PyYAML reads 1e-3 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
     if tp is bool:
         if not isinstance(value, bool):
             raise UserError(f"recipe key '{path}': expected true or false, got {value!r}")
