@@ -22,7 +22,7 @@ def test_state_dict_with_arch_and_npz(cli, user, tmp_path):
     res = run_compress(cli, user, "--data", user / "train.npz", "--sparsity", "0.8")
     assert res.exit_code == 0, res.output
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["dense.onnx", "model.onnx", "report.json", "report.md", "ticket.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["dense.onnx", "model.onnx", "report.html", "report.json", "report.md", "ticket.pt"]
     report = json.loads((out / "report.json").read_text())
     for key in ("recipe", "ticketforge_version", "seed", "device", "sparsity", "params", "macs", "accuracy",
                 "parity", "latency", "timings"):
