@@ -86,3 +86,21 @@ def test_interrupted_run_resumes_and_ends_with_the_same_mask(tmp_path, monkeypat
     assert all(torch.equal(got[k], reference[k]) for k in got)
     # a successful run leaves no run state behind
     assert not (tmp_path / ".ticketforge").exists() or not any((tmp_path / ".ticketforge").glob("out-*"))
+
+
+def test_rewind_start_retrains_each_round_from_the_rewind_weights(tmp_path, monkeypatch):
+    seen = {}
+    real = imp_mod._Trainer.__call__
+
+    def record(self, model, mask, r, desc):
+        seen[r] = next(iter(model.parameters())).detach().clone()  # before this round trains
+        return real(self, model, mask, r, desc)
+
+    monkeypatch.setattr(imp_mod._Trainer, "__call__", record)
+    sets = ["search.start=rewind", "train.epochs=2", "train.rewind_epochs=1", "train.batch_size=128"]
+    report = compress(job(tmp_path, "out", sets, sparsity=0.36))
+    info = report["search"]
+    assert [r["round"] for r in info["rounds"]] == [0, 1, 2]   # dense training, then two rounds
+    assert info["retrain"] == "weight rewinding" and info["start"] == "rewind"
+    assert torch.equal(seen[1], seen[0]) and torch.equal(seen[2], seen[0])
+    assert report["sparsity"]["achieved"] == pytest.approx(0.36, abs=1e-3)

@@ -28,6 +28,7 @@ from ticketforge.data import loader
 from ticketforge.errors import UserError
 from ticketforge.masks import Mask, global_topk, keep_count, prunable
 from ticketforge.search import SearchContext, SearchResult, register
+from ticketforge.search import start as start_mod
 
 
 def round_count(sparsity: float, fraction: float) -> int:
@@ -96,18 +97,6 @@ class _Trainer:
         return finetune.evaluate(model, loader(ctx.data.val, 256), ctx.device)
 
 
-def _start(ctx: SearchContext):
-    """The weights rounds restart from, plus the schedule they retrain with ({} for LR rewinding)."""
-    if ctx.recipe.search.start == "trained":
-        return ctx.model, {}, {"start": "trained", "retrain": "learning-rate rewinding"}
-    try:
-        from ticketforge.search.start import starting_point
-    except ImportError:  # the shared start-point module is not in this build yet
-        raise UserError("IMP: search.start rewind and init are not available yet; use search.start trained") from None
-    sp = starting_point(ctx)
-    return sp.model, sp.finetune, {**sp.info, "retrain": "weight rewinding"}
-
-
 @register("imp")
 def imp(ctx: SearchContext) -> SearchResult:
     if isinstance(ctx.model, torch.jit.ScriptModule):
@@ -124,26 +113,32 @@ def imp(ctx: SearchContext) -> SearchResult:
         while done < len(plan) and (work / f"round-{done + 1:03d}.pt").exists():
             done += 1
 
-    rewinding = cfg.start != "trained"
-    model, over, info = _start(ctx)
-    train_round = _Trainer(ctx, over)
     rows: list[dict] = []
-    start_state = None
-    if rewinding:
-        # Round 0 of the lottery procedure: the dense network trained to the end of the schedule.
-        start_state = copy.deepcopy(model.state_dict())
+    rewinding = cfg.start != "trained"
+    if not rewinding:
+        model, info, train_round = ctx.model, {"start": "trained", "retrain": "learning-rate rewinding"}, _Trainer(ctx, {})
+    else:
+        # Round 0 of the lottery procedure: the dense network trained from the start point to the
+        # end of the schedule; the start point is what every round rewinds to.
         dense_file = work / "dense.pt" if work is not None else None
         if dense_file is not None and dense_file.exists():
             saved = _load(dense_file)
+            model = start_mod.fresh_model(ctx)
             model.load_state_dict(saved["trained"])
+            train_round = _Trainer(ctx, start_mod.schedule(ctx, start_mod.rewind_epochs(ctx) if cfg.start == "rewind" else 0))
             ctx.ui.log("resuming: the dense training is already done, skipped")
         else:
+            sp = start_mod.starting_point(ctx)
+            model, train_round = sp.model, _Trainer(ctx, sp.finetune)
+            saved = {"start": copy.deepcopy(model.state_dict()), "info": sp.info}
             t = time.perf_counter()
             acc = train_round(model, None, 0, "IMP dense training")
-            saved = {"trained": model.state_dict(),
-                     "row": {"round": 0, "sparsity": 0.0, "accuracy": acc, "seconds": time.perf_counter() - t}}
+            saved.update({"trained": model.state_dict(),
+                          "row": {"round": 0, "sparsity": 0.0, "accuracy": acc, "seconds": time.perf_counter() - t}})
             if dense_file is not None:
                 _save(dense_file, saved)
+        start_state = saved["start"]
+        info = {**saved["info"], "retrain": "weight rewinding"}
         rows.append(saved["row"])
 
     mask = Mask.ones_like(model)
