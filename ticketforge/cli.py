@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -29,12 +31,22 @@ def explain(exc: Exception) -> str | None:
     return None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler or torchrun stopping us), handled like Ctrl-C: clean up and exit."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def guarded(fn):
     """Turn our errors into one line and an exit code; tracebacks only with --debug."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         debug = kwargs.get("debug", False)
         ui = UI()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
@@ -42,9 +54,10 @@ def guarded(fn):
                 raise
             ui.error(str(exc))
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            ui.error("interrupted; nothing was written to the output folder")
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            ui.error("interrupted; nothing was written to the output folder (finished stages are kept: "
+                     "the same command resumes)")
+            sys.exit(143 if isinstance(exc, Terminated) else 130)
         except Exception as exc:  # a bug of ours: still one line unless --debug
             if debug:
                 raise
@@ -110,6 +123,8 @@ def compress(model, recipe_name, data, arch, arch_kwargs, sparsity, epochs, sets
               ui=UI(quiet=quiet))
     gate.check_junit_path(junit)
     report = run_compress(job)
+    if report is None:  # a torchrun rank other than 0: rank 0 writes and reports
+        return
     if as_json:
         click.echo(json.dumps(report, indent=2, default=float))
     out = Path(job.out or default_out(model, recipe))

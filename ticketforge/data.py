@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from ticketforge import device as device_mod, distributed
 from ticketforge.errors import UserError
 
 
@@ -138,11 +139,28 @@ def labels_of(ds: Dataset) -> torch.Tensor:
     return torch.as_tensor([int(ds[i][1]) for i in range(len(ds))])
 
 
+# Set once per run by the pipeline (ticketforge.data.use_device): loaders feeding a GPU pin memory
+# and use workers, whoever builds them.
+_LOADER_DEVICE = torch.device("cpu")
+
+
+def use_device(device: torch.device) -> None:
+    global _LOADER_DEVICE
+    _LOADER_DEVICE = torch.device(device)
+
+
 def loader(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
            sampler=None) -> DataLoader:
+    """A DataLoader. Under torchrun a shuffled (training) loader gives each rank its own shard and
+    batch_size // world_size samples per batch, so batch_size stays the global batch; evaluation
+    loaders (shuffle=False) see the whole split on every rank."""
+    if shuffle and sampler is None and distributed.active():
+        sampler = distributed.sampler(ds, shuffle=True, seed=seed)
+        batch_size = distributed.per_rank_batch(batch_size)
     gen = torch.Generator().manual_seed(seed) if shuffle and sampler is None else None
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, generator=gen,
-                      drop_last=drop_last and len(ds) > batch_size, sampler=sampler)
+                      drop_last=drop_last and len(ds) > batch_size, sampler=sampler,
+                      **device_mod.loader_options(_LOADER_DEVICE, distributed.world_size()))
 
 
 _SPATIAL = {torch.nn.Conv1d: ("L",), torch.nn.Conv2d: ("H", "W"), torch.nn.Conv3d: ("D", "H", "W")}

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ticketforge import device as device_mod, distributed
 from ticketforge.errors import UserError
 from ticketforge.masks import Mask
 from ticketforge.ui import SILENT, UI
@@ -46,6 +47,9 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, devic
         sched.step()
     if mask is not None and not decaying:
         mask.apply(model)
+    prec = device_mod.precision(device)
+    scaler = prec.scaler(device)
+    net = distributed.wrap(model, device)  # under torchrun: gradients averaged over the ranks
     losses = []
     model.train()
     steps = epochs * steps_per_epoch
@@ -56,16 +60,20 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, devic
             for i, (x, y) in enumerate(loader):
                 if decaying:
                     set_scale(mask_scale((epoch * steps_per_epoch + i) / max(steps - 1, 1)))
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss = nn.functional.cross_entropy(model(x), y)
+                x, y = device_mod.inputs_to(x, device, model), y.to(device, non_blocking=True)
+                with prec.autocast(device):
+                    logits = net(x)
+                loss = nn.functional.cross_entropy(logits.float(), y)
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(f"{desc}: the loss became {loss.item()} at epoch {start_epoch + epoch + 1}; "
                                         "lower the learning rate (--set finetune.lr=...)")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 if grad_clip:
+                    scaler.unscale_(opt)  # clip the true gradient, not the fp16-scaled one
                     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                opt.step()
+                scaler.step(opt)
+                scaler.update()
                 sched.step()
                 if mask is not None and not decaying:
                     mask.apply(model)
@@ -75,6 +83,8 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, devic
             losses.append(total / max(count, 1))
     if mask is not None:
         mask.apply(model)
+    # DDP keeps the weights identical but each rank's BatchNorm statistics saw its own last batch.
+    distributed.sync_buffers(model)
     model.eval()
     return losses
 
@@ -116,4 +126,5 @@ def recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device, b
         model(x.to(device))
     for m, mom in saved.items():
         m.momentum = mom
+    distributed.sync_buffers(model)  # every rank estimated them on its own shard
     model.eval()

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import os
 import random
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 import ticketforge
-from ticketforge import convert as convert_stage
+from ticketforge import convert as convert_stage, data as data_stage, device as device_mod, distributed
 from ticketforge import export as export_stage
 from ticketforge import finetune, gate as gate_stage, nm, quantize, report as report_stage, sanity, search, validate
 from ticketforge.data import DataBundle, check_against_model, load_data, loader
@@ -26,7 +28,7 @@ from ticketforge.errors import UserError
 from ticketforge.loading import LoadedModel, load_model
 from ticketforge.masks import Mask, prunable
 from ticketforge.recipe import Recipe
-from ticketforge.runstate import RunState, run_key
+from ticketforge.runstate import RunState, Store, run_key
 from ticketforge.ui import UI
 
 
@@ -44,26 +46,65 @@ class Job:
     force: bool = False
     val_fraction: float = 0.1
     ui: UI = field(default_factory=UI)
+    # Results that do not depend on the recipe's target (dense baseline, warm-up weights), kept
+    # here across runs (a sweep's points share it); default: inside this run's own state.
+    shared: Path | None = None
 
 
 def default_out(model_path: Path, recipe: Recipe) -> Path:
     return Path("exported") / f"{Path(model_path).stem}-{recipe.name}"
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available (use --device auto or cpu)")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UserError(f"--device {name!r}: expected auto, cpu or cuda")
-    return torch.device(name)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
+
+
+def stage_seed(seed: int, stage: str) -> int:
+    """Each stage starts from its own seed, so a resumed run that skips earlier stages draws the
+    same random numbers in the later ones as an uninterrupted run."""
+    return int(hashlib.sha256(f"{seed}:{stage}".encode()).hexdigest()[:8], 16)
+
+
+def plain(obj):
+    """A report fragment as plain Python values (loadable with weights_only=True)."""
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def structure(model: torch.nn.Module) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+class Stages:
+    """Which stages an earlier run finished, and saving them as they finish. Only rank 0 reads and
+    writes the run state; under torchrun it hands its decisions and results to the other ranks."""
+
+    def __init__(self, store: Store | None, ui: UI):
+        self.store, self.ui = store, ui
+        self.skipped: list[str] = []
+
+    def resume(self, name: str, store: Store | None = None, everyone: bool = True):
+        """The saved result of a finished stage, or None if it has to run. everyone=False: a stage
+        only rank 0 runs (no hand-over to the other ranks)."""
+        store = store or self.store
+        share = distributed.broadcast if everyone else (lambda x: x)
+        found = share(store is not None and store.has(name))
+        if not found:
+            return None
+        result = share(store.load(name) if distributed.is_main() else None)
+        self.skipped.append(name)
+        self.ui.log(f"skipped {name} (finished in an earlier run)")
+        return result
+
+    def finish(self, name: str, result: dict, store: Store | None = None) -> None:
+        store = store or self.store
+        if store is not None and distributed.is_main():
+            store.save(name, result)
 
 
 @contextmanager
@@ -104,40 +145,89 @@ def prepare(job: Job) -> tuple[LoadedModel, DataBundle, int]:
     return loaded, bundle, classes
 
 
-def compress(job: Job) -> dict:
-    """Run the whole job; returns the report (also written to the output folder)."""
-    ui, recipe = job.ui, job.recipe
-    out = Path(job.out or default_out(job.model_path, recipe))
+def compress(job: Job) -> dict | None:
+    """Run the whole job; returns the report (also written to the output folder). Under torchrun
+    every rank runs it and only rank 0 writes and returns the report (the others return None)."""
+    out = Path(job.out or default_out(job.model_path, job.recipe))
     if out.exists() and not job.force:
         raise UserError(f"output folder {out} already exists; pass --force to replace it")
-    if "tensorrt" in recipe.export.targets:
+    if "tensorrt" in job.recipe.export.targets:
         from ticketforge import tensorrt as trt_stage
 
         trt_stage.require()  # before any work: a missing extra must not cost a whole search
-    device = pick_device(job.device)
+    device = device_mod.pick(job.device)
+    joined = distributed.launched() and not distributed.active()
+    device = distributed.init(device)
+    try:
+        return _compress(job, out, device)
+    finally:
+        if joined:
+            distributed.shutdown()
+
+
+def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
+    recipe = job.recipe
+    main = distributed.is_main()
+    ui = job.ui if main else UI(quiet=True)  # one voice under torchrun
     seed_everything(job.seed)
     t_start = time.perf_counter()
     loaded, bundle, classes = prepare(job)
+    data_stage.use_device(device)
+    world = distributed.world_size()
     ui.log(f"loaded {job.model_path} ({loaded.kind}), data {bundle.spec}: {len(bundle.train)} train / "
-           f"{len(bundle.val)} validation samples, {classes} classes; device {device}")
+           f"{len(bundle.val)} validation samples, {classes} classes; device {device}"
+           + (f"; {world} processes, each batch split {world} ways" if world > 1 else ""))
     val_loader = loader(bundle.val, 256)
-    dense = loaded.model.to(device).eval()
-    dense_copy = copy.deepcopy(dense)
+    dense_copy = copy.deepcopy(loaded.model).eval()
+    dense = device_mod.to_device(loaded.model, device).eval()
     timings: dict[str, float] = {}
-    dense_acc = finetune.evaluate(dense, val_loader, device)
-    ui.log(f"dense model: validation accuracy {dense_acc:.4f}")
 
-    key = run_key({"recipe": recipe.to_dict(), "seed": job.seed, "model": Path(job.model_path), "arch": loaded.arch,
-                   "arch_kwargs": loaded.arch_kwargs, "data": bundle.spec, "val_fraction": job.val_fraction})
-    with RunState(out, key) as state, atomic_folder(out, job.force) as tmp:
+    common = {"seed": job.seed, "model": Path(job.model_path), "arch": loaded.arch,
+              "arch_kwargs": loaded.arch_kwargs, "data": bundle.spec, "val_fraction": job.val_fraction}
+    key = run_key({"recipe": recipe.to_dict(), **common})
+    state_cm = RunState(out, key) if main else nullcontext(None)
+    out_cm = atomic_folder(out, job.force) if main else nullcontext(None)
+    with state_cm as state, out_cm as tmp:
+        stages = Stages(state, ui)
+        if job.shared is not None:
+            shared = Store(Path(job.shared) / run_key(common)) if main else None
+        else:
+            shared = Store(state.subdir("shared")) if main else None
+
+        # dense baseline (shared by every recipe on the same model and data)
+        r = stages.resume("dense", shared)
+        if r is None:
+            seed_everything(stage_seed(job.seed, "dense"))
+            r = {"accuracy": finetune.evaluate(dense, val_loader, device)}
+            stages.finish("dense", r, shared)
+        dense_acc = r["accuracy"]
+        ui.log(f"dense model: validation accuracy {dense_acc:.4f}")
+
         # search
         t = time.perf_counter()
         ui.log(f"search: {recipe.search.method} (target sparsity {recipe.search.sparsity:g}, "
                f"structure {recipe.convert.structure})")
-        ctx = search.SearchContext(model=dense, loaded=loaded, data=bundle, recipe=recipe, device=device,
-                                   seed=job.seed, ui=ui, workdir=state.subdir("search"))
-        found = search.run(ctx)
+        r = stages.resume("search")
+        if r is None:
+            seed_everything(stage_seed(job.seed, "search"))
+            ctx = search.SearchContext(model=dense, loaded=loaded, data=bundle, recipe=recipe, device=device,
+                                       seed=job.seed, ui=ui, workdir=state.subdir("search") if main else None,
+                                       shared=shared.subdir("search") if main else None)
+            found = search.run(ctx)
+            if structure(found.model) == structure(dense_copy):
+                stages.finish("search", {
+                    "model": cpu_state(found.model), "info": plain(found.info), "finetune": plain(found.finetune),
+                    "mask": found.mask.state_dict() if found.mask is not None else None,
+                    "scores": {k: v.detach().cpu() for k, v in found.scores.items()} if found.scores else None})
+            else:  # a changed architecture is rebuilt by running the (seeded) search again on resume
+                ui.log("search changed the model's structure: a resumed run repeats it")
+        else:
+            dense.load_state_dict(r["model"])
+            found = search.SearchResult(model=dense, mask=Mask(r["mask"]) if r["mask"] is not None else None,
+                                        info=r["info"], scores=r["scores"], finetune=r["finetune"])
         model, mask = found.model, found.mask
+        if mask is not None:
+            distributed.check_identical(mask, "mask found by the search")
         timings["search"] = time.perf_counter() - t
 
         # sanity checks: before the fine-tune, which changes found.model in place
@@ -150,40 +240,62 @@ def compress(job: Job) -> dict:
 
         # fine-tune
         t = time.perf_counter()
-        ft = recipe.finetune
-        # A method may override the schedule: rewind retrains for the rest of the `train` schedule.
-        over = found.finetune
-        train_loader = loader(bundle.train, over.get("batch_size", ft.batch_size), shuffle=True, seed=job.seed)
-        if mask is not None:
-            mask.apply(model)
-        if ft.bn_recalibrate:
-            finetune.recalibrate_bn(model, train_loader, device)
-        acc_before = finetune.evaluate(model, val_loader, device)
-        epochs = over.get("epochs", ft.epochs)
-        if epochs:
-            finetune.train(model, train_loader, epochs=epochs, lr=over.get("lr", ft.lr), device=device,
-                           optimizer=over.get("optimizer", ft.optimizer), momentum=over.get("momentum", ft.momentum),
-                           weight_decay=over.get("weight_decay", ft.weight_decay), grad_clip=ft.grad_clip,
-                           mask=mask, ui=ui, start_epoch=over.get("start_epoch", 0),
-                           total_epochs=over.get("total_epochs"),
-                           mask_scale=nm.pgf_scale if recipe.convert.structure == "2:4"
-                           and recipe.convert.nm_decay == "exponential" else None)
+        r = stages.resume("finetune")
+        if r is None:
+            seed_everything(stage_seed(job.seed, "finetune"))
+            ft = recipe.finetune
+            # A method may override the schedule: rewind retrains for the rest of the `train` schedule.
+            over = found.finetune
+            train_loader = loader(bundle.train, over.get("batch_size", ft.batch_size), shuffle=True, seed=job.seed)
+            if mask is not None:
+                mask.apply(model)
+            if ft.bn_recalibrate:
+                finetune.recalibrate_bn(model, train_loader, device)
+            acc_before = finetune.evaluate(model, val_loader, device)
+            epochs = over.get("epochs", ft.epochs)
+            if epochs:
+                finetune.train(model, train_loader, epochs=epochs, lr=over.get("lr", ft.lr), device=device,
+                               optimizer=over.get("optimizer", ft.optimizer), momentum=over.get("momentum", ft.momentum),
+                               weight_decay=over.get("weight_decay", ft.weight_decay), grad_clip=ft.grad_clip,
+                               mask=mask, ui=ui, start_epoch=over.get("start_epoch", 0),
+                               total_epochs=over.get("total_epochs"),
+                               mask_scale=nm.pgf_scale if recipe.convert.structure == "2:4"
+                               and recipe.convert.nm_decay == "exponential" else None)
+            stages.finish("finetune", {"model": cpu_state(model), "acc_before": acc_before,
+                                       "mask": mask.state_dict() if mask is not None else None})
+        else:
+            model.load_state_dict(r["model"])
+            mask = Mask(r["mask"]) if r["mask"] is not None else None
+            acc_before = r["acc_before"]
         timings["finetune"] = time.perf_counter() - t
 
-        # convert
+        # convert (deterministic and quick: done again on resume)
         t = time.perf_counter()
         conv = convert_stage.convert(model, mask, recipe)
         model, mask = conv.model.eval(), conv.mask
         compressed_acc = finetune.evaluate(model, val_loader, device)
         ui.log(f"ticket: accuracy {acc_before:.4f} before fine-tuning, {compressed_acc:.4f} after")
         timings["convert"] = time.perf_counter() - t
+        mask_digest = distributed.check_identical(mask, "final mask") if mask is not None else None
+        if world > 1 and mask_digest:
+            ui.log(f"mask identical on all {world} processes (sha256 {mask_digest[:12]})")
+        if not main:
+            return None  # rank 0 exports, validates and writes; the others are done
+        model = model.cpu()  # the exported files are checked on the CPU, where ONNX Runtime runs
 
-        # export
+        # export (into the run state first, so a resumed run keeps finished files)
         t = time.perf_counter()
         example = bundle.example(2)
-        export_stage.export_onnx(dense_copy, example, tmp / "dense.onnx", recipe.export)
-        export_stage.export_onnx(model, example, tmp / "model.onnx", recipe.export)
-        save_ticket(tmp / "ticket.pt", model, mask, loaded, conv.spec, recipe)
+        files = state.dir / "export"
+        if stages.resume("export", everyone=False) is None:
+            shutil.rmtree(files, ignore_errors=True)  # a killed run's partial files
+            files = state.subdir("export")
+            export_stage.export_onnx(dense_copy, example, files / "dense.onnx", recipe.export)
+            export_stage.export_onnx(model, example, files / "model.onnx", recipe.export)
+            save_ticket(files / "ticket.pt", model, mask, loaded, conv.spec, recipe)
+            stages.finish("export", {"files": sorted(p.name for p in files.iterdir())})
+        for name in state.load("export")["files"]:
+            shutil.copy2(files / name, tmp / name)
         timings["export"] = time.perf_counter() - t
 
         # validate
@@ -215,6 +327,8 @@ def compress(job: Job) -> dict:
             lat += rows
             timings["quantize"] = time.perf_counter() - t
         if "tensorrt" in recipe.export.targets:
+            from ticketforge import tensorrt as trt_stage
+
             t = time.perf_counter()
             ui.log("tensorrt: build and validate model.engine")
             deploy["tensorrt"], rows = trt_stage.build_and_validate(tmp, recipe, bundle, ui)
@@ -249,6 +363,7 @@ def compress(job: Job) -> dict:
             **({"nm": nm_section} if nm_section else {}),
             **({"sanity": {**sanity_section, "ticket": compressed_acc}} if sanity_section else {}),
             **deploy,
+            "run": {"processes": world, "resumed_stages": stages.skipped, "mask_sha256": mask_digest},
         }
         report["gate"] = gate_stage.evaluate(report, dataclasses.asdict(recipe.gate))
         report_stage.write(report, tmp)

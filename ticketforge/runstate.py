@@ -35,12 +35,39 @@ def run_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class RunState:
-    """Finished steps of one run, saved with torch.save and read back with weights_only=True."""
+class Store:
+    """Finished steps in one folder, saved with torch.save and read back with weights_only=True."""
+
+    def __init__(self, folder: Path):
+        self.dir = Path(folder)
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}.pt"
+
+    def has(self, name: str) -> bool:
+        return self.path(name).exists()
+
+    def save(self, name: str, obj: Any) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".{name}.pt.tmp"
+        torch.save(obj, tmp)
+        os.replace(tmp, self.path(name))  # a step is finished only once its file is complete
+
+    def load(self, name: str) -> Any:
+        return torch.load(self.path(name), map_location="cpu", weights_only=True)
+
+    def subdir(self, name: str) -> Path:
+        d = self.dir / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+
+class RunState(Store):
+    """Finished steps of one run (a Store keyed by the run), locked while the run works."""
 
     def __init__(self, out: Path, key: str):
         root = out.parent / ".ticketforge"
-        self.dir = root / f"{out.name}-{key}"
+        super().__init__(root / f"{out.name}-{key}")
         self.lock_path = root / f"{out.name}.lock"
         self._lock = None
 
@@ -63,25 +90,6 @@ class RunState:
             self._lock.close()
             self._lock = None
         return False
-
-    def path(self, name: str) -> Path:
-        return self.dir / f"{name}.pt"
-
-    def has(self, name: str) -> bool:
-        return self.path(name).exists()
-
-    def save(self, name: str, obj: Any) -> None:
-        tmp = self.dir / f".{name}.pt.tmp"
-        torch.save(obj, tmp)
-        os.replace(tmp, self.path(name))  # a step is finished only once its file is complete
-
-    def load(self, name: str) -> Any:
-        return torch.load(self.path(name), map_location="cpu", weights_only=True)
-
-    def subdir(self, name: str) -> Path:
-        d = self.dir / name
-        d.mkdir(parents=True, exist_ok=True)
-        return d
 
     def finish(self) -> None:
         """The run succeeded: its steps are no longer needed."""

@@ -27,6 +27,9 @@ class SearchContext:
     seed: int = 0
     ui: UI = SILENT
     workdir: Path | None = None  # where a long method keeps per-step results to resume from
+    # Where to keep results that do not depend on the target sparsity (e.g. warm-up weights), so
+    # that a sweep's points share them. Under torchrun both folders are given to rank 0 only.
+    shared: Path | None = None
 
     def train_loader(self, batch_size: int | None = None, shuffle: bool = True):
         return loader(self.data.train, batch_size or self.recipe.search.batch_size, shuffle=shuffle,
