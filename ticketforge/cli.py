@@ -132,6 +132,29 @@ def compress(model, recipe_name, data, arch, arch_kwargs, sparsity, epochs, sets
     finish_gate(report["gate"], junit)
 
 
+# sweep takes compress's options (one definition of each), less those that name a single point.
+_SWEEP_SHARED = ("model", "recipe_name", "data", "arch", "arch_kwargs", "epochs", "sets", "device", "seed",
+                 "val_fraction", "trust_pickle", "force", "quiet", "debug")
+
+
+@cli.command("sweep", params=[p for p in compress.params if p.name in _SWEEP_SHARED])
+@click.option("--sparsities", required=True, help="comma-separated target sparsities, e.g. 0.5,0.8,0.9,0.95,0.98")
+@click.option("--out", type=click.Path(path_type=Path), help="output folder (default exported/<model>-<recipe>-sweep)")
+@guarded
+def sweep_cmd(model, recipe_name, data, arch, arch_kwargs, epochs, sets, device, seed, val_fraction, trust_pickle,
+              force, quiet, debug, sparsities, out):
+    """Compress MODEL at several sparsities; write a table and a plot of accuracy vs latency and size."""
+    from ticketforge.pipeline import Job
+    from ticketforge.sweep import parse_sparsities, sweep
+
+    points = parse_sparsities(sparsities)
+    recipe = recipes.resolve(recipe_name, list(sets), epochs=epochs)
+    job = Job(model_path=model, recipe=recipe, data=data, arch=arch, arch_kwargs=parse_kwargs(arch_kwargs),
+              trust_pickle=trust_pickle, device=device, seed=seed, force=force, val_fraction=val_fraction,
+              ui=UI(quiet=quiet))
+    sweep(job, points, out)
+
+
 def finish_gate(result: dict, junit: Path | None) -> None:
     """JUnit file if asked, then exit 1 naming the failed checks (the output is already written)."""
     if junit is not None:

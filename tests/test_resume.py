@@ -1,0 +1,89 @@
+"""Resumable runs: kill -9 during fine-tuning, run the same command again."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from _tiny import FAST, make_tiny
+
+BIN = Path(sys.executable).parent
+# Long enough a fine-tune (many small batches) to be killed in the middle of it.
+ARGS = ["--recipe", "cts", "--sparsity", "0.5", "--set", "search.steps=20", "--epochs", "40",
+        "--set", "finetune.batch_size=16", *FAST]
+
+
+def _compress(out, **kw):
+    return subprocess.Popen([str(BIN / "ticketforge"), "compress", "mlp.pt", *ARGS, "--out", out],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()}, **kw)
+
+
+def _state(out):
+    return [d for d in Path(".ticketforge").glob(f"{out}-*") if d.is_dir()]
+
+
+def test_sigkill_during_finetune_then_resume_equals_uninterrupted(tmp_path):
+    make_tiny(tmp_path)
+    victim = _compress("killed")
+    deadline = time.time() + 120
+    while time.time() < deadline and not any((d / "search.pt").exists() for d in _state("killed")):
+        time.sleep(0.05)
+    finished_search = any((d / "search.pt").exists() for d in _state("killed"))
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.communicate()
+    assert finished_search, "the search never finished"
+    assert not any((d / "finetune.pt").exists() for d in _state("killed")), "killed too late"
+    assert not Path("killed").exists()  # the output folder appears complete or not at all
+
+    resumed = _compress("killed")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    assert "skipped search (finished in an earlier run)" in err
+    assert "skipped dense (finished in an earlier run)" in err
+    assert not _state("killed")  # the run state goes once the run succeeded
+
+    fresh = _compress("fresh")
+    _, err = fresh.communicate(timeout=300)
+    assert fresh.returncode == 0, err[-2000:]
+    assert "skipped" not in err
+
+    a = torch.load("killed/ticket.pt", weights_only=True)
+    b = torch.load("fresh/ticket.pt", weights_only=True)
+    assert all(torch.equal(a["masks"][k], b["masks"][k]) for k in b["masks"])
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in b["state_dict"])
+    ra, rb = (json.loads(Path(d, "report.json").read_text()) for d in ("killed", "fresh"))
+    assert ra["accuracy"]["onnx"] == rb["accuracy"]["onnx"]
+    assert ra["run"]["resumed_stages"] == ["dense", "search"] and rb["run"]["resumed_stages"] == []
+
+
+def test_stage_results_load_with_weights_only(tmp_path):
+    """What a killed run leaves behind is plain tensors and dicts (no pickled code)."""
+    from ticketforge.pipeline import Stages
+    from ticketforge.runstate import Store
+    from ticketforge.ui import SILENT
+
+    stages = Stages(Store(tmp_path / "state"), SILENT)
+    assert stages.resume("search") is None
+    stages.finish("search", {"mask": {"w": torch.ones(3, dtype=torch.bool)}, "info": {"steps": 3}})
+    got = torch.load(tmp_path / "state" / "search.pt", weights_only=True)
+    assert got["info"] == {"steps": 3}
+    assert Stages(Store(tmp_path / "state"), SILENT).resume("search")["info"] == {"steps": 3}
+
+
+def test_sigterm_exits_cleanly_with_a_message(tmp_path):
+    make_tiny(tmp_path)
+    proc = _compress("term")
+    deadline = time.time() + 120
+    while time.time() < deadline and not any((d / "dense.pt").exists() or (d / "shared" / "dense.pt").exists()
+                                             for d in _state("term")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err
+    assert not Path("term").exists() and not Path(".term.tmp").exists()

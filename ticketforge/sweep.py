@@ -1,0 +1,159 @@
+"""`ticketforge sweep`: one compress per target sparsity, then a table and a plot of accuracy
+against latency and size with the Pareto front marked.
+
+The points share one run state: the dense baseline (and any sparsity-independent warm-up a
+search keeps in SearchContext.shared) is computed once, and a re-run skips finished points."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+
+from ticketforge import device as device_mod, distributed
+from ticketforge.errors import UserError
+from ticketforge.pipeline import Job, atomic_folder, compress, default_out
+from ticketforge.runstate import RunState, run_key
+from ticketforge.ui import UI
+
+
+def parse_sparsities(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--sparsities {text!r}: expected numbers separated by commas, e.g. 0.5,0.8,0.9") from None
+    if not values:
+        raise UserError("--sparsities: give at least one value, e.g. 0.5,0.8,0.9")
+    bad = [v for v in values if not 0 <= v < 1]
+    if bad:
+        raise UserError(f"--sparsities: {bad[0]:g} is out of range (must be in [0, 1))")
+    if len(set(values)) != len(values):
+        raise UserError(f"--sparsities {text!r}: a value is repeated")
+    return sorted(values)
+
+
+def pareto(points: list[tuple[float, float]]) -> list[bool]:
+    """(cost, accuracy) pairs -> on the front: no other point is at most as costly and at least as
+    accurate, and strictly better in one of the two."""
+    return [not any(c2 <= c and a2 >= a and (c2 < c or a2 > a) for c2, a2 in points) for c, a in points]
+
+
+def row(report: dict) -> dict:
+    lat = min(report["latency"], key=lambda r: r["batch"])  # the smallest batch: interactive latency
+    return {
+        "sparsity_target": report["sparsity"]["target"],
+        "sparsity": round(report["sparsity"]["achieved"], 4),
+        "accuracy": round(report["accuracy"]["onnx"], 4),
+        "accuracy_drop": round(report["accuracy"]["dense_onnx"] - report["accuracy"]["onnx"], 4),
+        "latency_ms": lat["compressed_ms"],
+        "latency_batch": lat["batch"],
+        "speedup": lat["speedup"],
+        "size_mb": round(report["size_mb"]["compressed"], 4),
+        "params_nonzero": report["params"]["compressed"],
+    }
+
+
+def dense_row(report: dict) -> dict:
+    lat = min(report["latency"], key=lambda r: r["batch"])
+    return {"sparsity_target": 0.0, "sparsity": 0.0, "accuracy": round(report["accuracy"]["dense_onnx"], 4),
+            "accuracy_drop": 0.0, "latency_ms": lat["dense_ms"], "latency_batch": lat["batch"], "speedup": 1.0,
+            "size_mb": round(report["size_mb"]["dense"], 4), "params_nonzero": report["params"]["dense"]}
+
+
+def write_table(rows: list[dict], folder: Path) -> None:
+    with open(folder / "sweep.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    head = ["point", "target", "sparsity", "accuracy (ONNX)", "drop", "latency ms", "speed-up", "size MB",
+            "non-zero params", "Pareto (latency)", "Pareto (size)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append(f"| {r['point']} | {r['sparsity_target']:g} | {r['sparsity']:.4f} | {100 * r['accuracy']:.2f}% | "
+                     f"{100 * r['accuracy_drop']:+.2f} pt | {r['latency_ms']:.4f} (batch {r['latency_batch']}) | "
+                     f"{r['speedup']:.2f}x | {r['size_mb']:.3f} | {r['params_nonzero']:,} | "
+                     f"{'yes' if r['pareto_latency'] else ''} | {'yes' if r['pareto_size'] else ''} |")
+    (folder / "sweep.md").write_text("# ticketforge sweep\n\nLatency and accuracy are measured on the exported "
+                                     "ONNX models with ONNX Runtime; the dense row is the reference.\n\n"
+                                     + "\n".join(lines) + "\n")
+
+
+def write_plot(rows: list[dict], folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, cost, label, front in ((axes[0], "latency_ms", "latency (ms)", "pareto_latency"),
+                                   (axes[1], "size_mb", "model.onnx size (MB)", "pareto_size")):
+        on = sorted((r for r in rows if r[front]), key=lambda r: r[cost])
+        ax.plot([r[cost] for r in on], [r["accuracy"] for r in on], "-", color="tab:red", lw=1.5, label="Pareto front")
+        for r in rows:
+            dense = r["point"] == "dense"
+            ax.scatter(r[cost], r["accuracy"], marker="s" if dense else "o", s=45, zorder=3,
+                       color="black" if dense else ("tab:red" if r[front] else "tab:blue"))
+            ax.annotate("dense" if dense else f"{r['sparsity_target']:g}", (r[cost], r["accuracy"]),
+                        textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set_xlabel(label + (f", batch {rows[0]['latency_batch']}" if cost == "latency_ms" else ""))
+        ax.set_ylabel("accuracy (ONNX Runtime)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle("accuracy vs latency and size (labels: target sparsity)")
+    fig.tight_layout()
+    fig.savefig(folder / "sweep.png", dpi=120)
+    plt.close(fig)
+
+
+def sweep(job: Job, sparsities: list[float], out: Path | None = None) -> list[dict]:
+    """Compress at every sparsity; writes points/<s>/ (each a full compress output), sweep.csv,
+    sweep.md and sweep.png into `out`, which appears complete or not at all."""
+    out = Path(out or Path(str(default_out(job.model_path, job.recipe)) + "-sweep"))
+    if out.exists() and not job.force:
+        raise UserError(f"output folder {out} already exists; pass --force to replace it")
+    recipe = dataclasses.asdict(job.recipe)
+    recipe["search"].pop("sparsity")
+    key = run_key({"recipe": recipe, "sparsities": sparsities, "seed": job.seed, "model": Path(job.model_path),
+                   "arch": job.arch, "arch_kwargs": job.arch_kwargs, "data": job.data, "val_fraction": job.val_fraction})
+    joined = distributed.launched() and not distributed.active()
+    distributed.init(device_mod.pick(job.device))  # once for all points
+    try:
+        return _sweep(job, sparsities, out, key)
+    finally:
+        if joined:
+            distributed.shutdown()
+
+
+def _sweep(job: Job, sparsities: list[float], out: Path, key: str) -> list[dict]:
+    ui = job.ui if distributed.is_main() else UI(quiet=True)
+    main = distributed.is_main()
+    reports = []
+    state = RunState(out, key)
+    with (state if main else nullcontext()), (atomic_folder(out, job.force) if main else nullcontext()) as tmp:
+        for s in sparsities:
+            point = state.dir / "points" / f"{s:g}"
+            if distributed.broadcast((point / "report.json").exists()):
+                ui.log(f"skipped sparsity {s:g} (finished in an earlier run)")
+                report = json.loads((point / "report.json").read_text()) if main else None
+            else:
+                ui.log(f"sweep: sparsity {s:g}")
+                r = dataclasses.replace(job.recipe, search=dataclasses.replace(job.recipe.search, sparsity=s))
+                report = compress(dataclasses.replace(job, recipe=r, out=point, force=True, shared=state.dir / "shared"))
+            reports.append(report)
+        if not main:
+            return []
+        rows = [{"point": "dense", **dense_row(reports[0])}] + [{"point": f"{s:g}", **row(r)}
+                                                               for s, r in zip(sparsities, reports)]
+        for cost, flag in (("latency_ms", "pareto_latency"), ("size_mb", "pareto_size")):
+            for r, on in zip(rows, pareto([(r[cost], r["accuracy"]) for r in rows])):
+                r[flag] = on
+        shutil.copytree(state.dir / "points", tmp / "points", ignore=shutil.ignore_patterns(".ticketforge"))
+        write_table(rows, tmp)
+        write_plot(rows, tmp)
+        state.finish()
+    best = [r["point"] for r in rows if r["pareto_latency"]]
+    ui.log(f"wrote {out}/: {len(sparsities)} points, sweep.csv, sweep.md, sweep.png; Pareto front (latency): "
+           + ", ".join(best))
+    return rows
