@@ -211,7 +211,7 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
         if r is None:
             seed_everything(stage_seed(job.seed, "search"))
             ctx = search.SearchContext(model=dense, loaded=loaded, data=bundle, recipe=recipe, device=device,
-                                       seed=job.seed, ui=ui, workdir=state.subdir("search") if main else None,
+                                       seed=job.seed, ui=ui, workdir=state.subdir("search") if main else RunState(out, key).dir / "search",
                                        shared=shared.subdir("search") if main else None)
             found = search.run(ctx)
             if structure(found.model) == structure(dense_copy):

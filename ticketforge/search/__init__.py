@@ -28,7 +28,8 @@ class SearchContext:
     ui: UI = SILENT
     workdir: Path | None = None  # where a long method keeps per-step results to resume from
     # Where to keep results that do not depend on the target sparsity (e.g. warm-up weights), so
-    # that a sweep's points share them. Under torchrun both folders are given to rank 0 only.
+    # that a sweep's points share them (rank 0 only). Under torchrun every rank reads workdir
+    # (a shared file system) and only rank 0 writes (ticketforge.distributed.is_main()).
     shared: Path | None = None
 
     def train_loader(self, batch_size: int | None = None, shuffle: bool = True):

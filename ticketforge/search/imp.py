@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ticketforge import finetune
+from ticketforge import distributed, finetune
 from ticketforge.data import loader
 from ticketforge.errors import UserError
 from ticketforge.masks import Mask, global_topk, keep_count, prunable
@@ -61,6 +61,8 @@ def prune_step(model: torch.nn.Module, mask: Mask, keep: int) -> Mask:
 
 
 def _save(path: Path, obj: dict) -> None:
+    if not distributed.is_main():  # under torchrun rank 0 keeps the rounds; the others read them
+        return
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)  # a round counts as finished only once its whole file is there
