@@ -13,7 +13,7 @@ from _tiny import FAST, make_tiny
 
 BIN = Path(sys.executable).parent
 # Long enough a fine-tune (many small batches) to be killed in the middle of it.
-ARGS = ["--recipe", "cts", "--sparsity", "0.5", "--set", "search.steps=20", "--epochs", "40",
+ARGS = ["--recipe", "cts", "--sparsity", "0.5", "--set", "search.steps=20", "--epochs", "3",
         "--set", "finetune.batch_size=16", *FAST]
 
 
