@@ -234,8 +234,12 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
         sanity_section = None
         if recipe.search.sanity and mask is not None:
             t = time.perf_counter()
-            sanity_section = sanity.run(model, mask, found.scores, loaded.fresh, recipe, found.finetune, bundle,
-                                        device, job.seed, ui)
+            sanity_section = stages.resume("sanity")
+            if sanity_section is None:
+                seed_everything(stage_seed(job.seed, "sanity"))
+                sanity_section = plain(sanity.run(model, mask, found.scores, loaded.fresh, recipe, found.finetune,
+                                                  bundle, device, job.seed, ui))
+                stages.finish("sanity", sanity_section)
             timings["sanity"] = time.perf_counter() - t
 
         # fine-tune
