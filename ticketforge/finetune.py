@@ -53,7 +53,9 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, devic
     losses = []
     model.train()
     steps = epochs * steps_per_epoch
-    hold = mask.scaled(model) if decaying else mask.held(model) if mask is not None else _nothing()
+    hold = mask.scaled(model) if decaying else _nothing()
+    # A hard mask costs two fused multiplies per step (gradients, then weights), bound once here.
+    weights, keep = mask.bind(model) if mask is not None and not decaying else ([], [])
     with hold as set_scale, ui.progress(desc, steps) as advance:
         for epoch in range(epochs):
             total, count = 0.0, 0
@@ -69,14 +71,19 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, devic
                                         "lower the learning rate (--set finetune.lr=...)")
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                if weights:  # pruned weights get no gradient (before clipping, so it sees the true norm)
+                    pairs = [(w.grad, k) for w, k in zip(weights, keep) if w.grad is not None]
+                    if pairs:
+                        torch._foreach_mul_([g for g, _ in pairs], [k for _, k in pairs])
                 if grad_clip:
                     scaler.unscale_(opt)  # clip the true gradient, not the fp16-scaled one
                     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
                 scaler.step(opt)
                 scaler.update()
                 sched.step()
-                if mask is not None and not decaying:
-                    mask.apply(model)
+                if weights:  # weight decay and momentum would otherwise revive them
+                    with torch.no_grad():
+                        torch._foreach_mul_(weights, keep)
                 total += loss.item() * len(y)
                 count += len(y)
                 advance(loss=total / count)

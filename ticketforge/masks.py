@@ -45,7 +45,7 @@ class Mask(dict):
     def per_layer(self) -> dict[str, float]:
         return {k: 1.0 - float(m.float().mean()) for k, m in self.items()}
 
-    def _bound(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def bind(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The masked weights, and the mask as float tensors on their device and dtype. The float
         masks are cached across training steps (rebuilt when an entry, or a weight's device or
         dtype, changes): a step then costs one fused multiply, not a conversion per layer."""
@@ -61,7 +61,7 @@ class Mask(dict):
     @torch.no_grad()
     def apply(self, model: nn.Module) -> None:
         """Zero the pruned weights in place."""
-        weights, floats = self._bound(model)
+        weights, floats = self.bind(model)
         if weights:
             torch._foreach_mul_(weights, floats)
 
@@ -69,7 +69,7 @@ class Mask(dict):
     def held(self, model: nn.Module):
         """Pruned weights get no gradient inside this block (call apply() after each optimizer step
         as well: weight decay and momentum would otherwise revive them)."""
-        weights, floats = self._bound(model)
+        weights, floats = self.bind(model)
         handles = [w.register_hook(lambda g, mm=mm: g * mm) for w, mm in zip(weights, floats)]
         try:
             yield
