@@ -56,6 +56,16 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     rows = []
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(row):  # the CSV grows row by row: a long sweep cut short keeps what it measured
+        rows.append(row)
+        print(row, file=sys.stderr, flush=True)
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for seed in args.seeds:
@@ -64,15 +74,8 @@ def main() -> int:
             for s in args.sparsities:
                 cases = [("cts", [])] + [("imp", [f"search.epochs={e}"]) for e in args.imp_epochs]
                 for recipe, sets in cases:
-                    rows.append(run(model, tmp / f"{recipe}-{s}-{len(rows)}", recipe, sets, s, seed))
-                    print(rows[-1], file=sys.stderr, flush=True)
-            rows.append(run(model, tmp / f"layers-{seed}", "layers", [], None, seed))
-            print(rows[-1], file=sys.stderr, flush=True)
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+                    add(run(model, tmp / f"{recipe}-{s}-{len(rows)}", recipe, sets, s, seed))
+            add(run(model, tmp / f"layers-{seed}", "layers", [], None, seed))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; rows also in {args.csv}")
     print("| recipe | settings | sparsity | ONNX acc (dense) | search+fine-tune s | CPU s (whole run) | IMP rounds | "
           "MACs kept | Conv nodes | ORT speed-up b64 |")
