@@ -92,18 +92,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
     rows = []
     for a in args.arch or sorted(CONFIGS):
         rows.append(r := measure(a, args.batch, args.steps, args.repeats, args.sparsity))
         print(f"{r['arch']:<14} batch {r['batch']}: plain {r['plain_ms_per_step']:.2f} ms/step, masked "
               f"{r['masked_ms_per_step']:.2f} ms/step, ratio {r['ratio']:.3f}x (goal <= 1.15x)", flush=True)
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    with open(out / "train_step.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (out / "train_step.json").write_text(json.dumps(rows, indent=2) + "\n")
+        with open(out / "train_step.csv", "w", newline="") as f:  # after each model: a long run keeps its rows
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        (out / "train_step.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":
