@@ -120,7 +120,7 @@ def load_model(path: str | Path, arch: str | None = None, arch_kwargs: dict | No
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a model, checkpoint or state_dict")
 
-    data_spec = None
+    data_spec = spec = None
     state = obj
     if any(k in obj for k in STATE_KEYS) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         key = next(k for k in STATE_KEYS if k in obj)
@@ -132,6 +132,7 @@ def load_model(path: str | Path, arch: str | None = None, arch_kwargs: dict | No
         if arch_kwargs is None:
             arch_kwargs = obj.get("arch_kwargs") or {}
         data_spec = obj.get("data")
+        spec = obj.get("spec")  # a ticketforge ticket of a shrunk model: the layer widths to rebuild
         kind = "checkpoint"
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is a dict but not a state_dict (no tensors found under "
@@ -140,5 +141,8 @@ def load_model(path: str | Path, arch: str | None = None, arch_kwargs: dict | No
         raise UserError(f"{path} is a state_dict: say which architecture it belongs to with --arch "
                         f"(a built-in: {', '.join(sorted(models.MODELS))}, or package.module:callable)")
     model = models.build(arch, arch_kwargs)
+    if spec:
+        from ticketforge.structure import apply_spec  # late: structure imports torch-pruning
+        apply_spec(model, spec)
     _fit(model, state, arch)
     return LoadedModel(model=model, arch=arch, arch_kwargs=arch_kwargs or {}, data=data_spec, kind=kind)

@@ -205,8 +205,9 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
 
         # search
         t = time.perf_counter()
-        ui.log(f"search: {recipe.search.method} (target sparsity {recipe.search.sparsity:g}, "
-               f"structure {recipe.convert.structure})")
+        target = (f"target MACs {recipe.search.target_macs:g} of dense" if recipe.convert.structure == "channels"
+                  else f"target sparsity {recipe.search.sparsity:g}")
+        ui.log(f"search: {recipe.search.method} ({target}, structure {recipe.convert.structure})")
         r = stages.resume("search")
         if r is None:
             seed_everything(stage_seed(job.seed, "search"))
@@ -228,6 +229,7 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
         model, mask = found.model, found.mask
         if mask is not None:
             distributed.check_identical(mask, "mask found by the search")
+        model, mask, prepared = convert_stage.prepare(model, mask, recipe, bundle.example(8).to(device))
         timings["search"] = time.perf_counter() - t
 
         # sanity checks: before the fine-tune, which changes found.model in place
@@ -275,7 +277,7 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
 
         # convert (deterministic and quick: done again on resume)
         t = time.perf_counter()
-        conv = convert_stage.convert(model, mask, recipe)
+        conv = convert_stage.convert(model, mask, recipe, bundle.example(8).to(device))
         model, mask = conv.model.eval(), conv.mask
         compressed_acc = finetune.evaluate(model, val_loader, device)
         ui.log(f"ticket: accuracy {acc_before:.4f} before fine-tuning, {compressed_acc:.4f} after")
@@ -363,7 +365,7 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
             "parity": par,
             "latency": lat,
             "timings": {k: round(v, 3) for k, v in timings.items()},
-            "notes": found.info.get("notes", []) + conv.info.get("notes", []),
+            "notes": found.info.get("notes", []) + prepared.get("notes", []) + conv.info.get("notes", []),
             **({"nm": nm_section} if nm_section else {}),
             **({"sanity": {**sanity_section, "ticket": compressed_acc}} if sanity_section else {}),
             **deploy,

@@ -64,5 +64,5 @@ def run(ctx: SearchContext) -> SearchResult:
 
 
 # Importing the method modules fills the registry.
-for _module in ("magnitude", "cts", "baselines", "imp", "layers", "nm"):
+for _module in ("magnitude", "cts", "baselines", "imp", "layers", "nm", "channels"):
     importlib.import_module(f"ticketforge.search.{_module}")

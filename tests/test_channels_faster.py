@@ -1,0 +1,26 @@
+"""Peer complaint 1: the pruned model isn't faster. Removing channels (in multiples of 16) makes
+the ONNX export smaller and, timed side by side with the dense export, not slower."""
+import torch
+
+from tests.channel_nets import randomize_bn
+from ticketforge import models, structure, validate
+from ticketforge.export import export_onnx
+from ticketforge.recipe import ExportConfig
+
+
+def test_shrunk_export_smaller_and_not_slower(tmp_path):
+    model = randomize_bn(models.build("digits-resnet", {"width": 64}))
+    x = torch.randn(2, 1, 16, 16)
+    plan = structure.discover(model, x)
+    keep, info = structure.select(plan, structure.magnitude_scores(model, plan), 0.3, 16)
+    assert info["budget_met"] and all(len(k) % 16 == 0 for k in keep)
+    mask = structure.channel_mask(model, plan, keep)
+    mask.apply(model)
+    shrunk = structure.shrink(model, plan, keep, x)
+    export_onnx(model, x, tmp_path / "dense.onnx", ExportConfig())
+    export_onnx(shrunk, x, tmp_path / "model.onnx", ExportConfig())
+    d, s = validate.onnx_stats(tmp_path / "dense.onnx"), validate.onnx_stats(tmp_path / "model.onnx")
+    assert s["macs"] <= 0.3 * d["macs"] * 1.001 and s["weights"] < 0.5 * d["weights"]
+    # a ratio of medians timed alternately; the expected ratio is ~2-3x, so 1.0 leaves wide room for noise
+    rows = validate.latency(tmp_path / "dense.onnx", tmp_path / "model.onnx", (1, 16, 16), [64], repeats=15, warmup=3)
+    assert rows[0]["speedup"] > 1.0, rows

@@ -1,0 +1,95 @@
+"""Channel-level search: one choice per group of coupled channels, under a budget of MACs kept
+(`search.target_macs`), with kept counts rounded to `convert.round_to` (see ticketforge.structure).
+
+cts_channels: CTS with one Binary Concrete gate per channel of each group. A gate scales the
+channel after its normalisation (BatchNorm's affine, or the producer's weight and bias when the
+group has no norm): before a BatchNorm that normalises by batch statistics a gate would be divided
+out again. Each gate costs the MACs one channel of its group adds at the uniform solution, and
+the budget is the tangent plane of the exact (bilinear) MAC count there, so GRADBALANCE steers
+towards target_macs x dense.
+magnitude_channels: the L1 norm of each channel's producer weights (the classic filter-pruning
+baseline), with the removed channels' BatchNorm shift folded into their consumers."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ticketforge import structure
+from ticketforge.search import SearchContext, SearchResult, register
+from ticketforge.search.cts import concrete_search
+
+
+def _example(ctx: SearchContext) -> torch.Tensor:
+    return ctx.data.example(8).to(ctx.device)
+
+
+def _gate_targets(model, plan) -> list[list[tuple[str, torch.Tensor, torch.Tensor]]]:
+    """Per group: (parameter name, indices along dim 0, group channel of each index) of what a gate scales."""
+    params = dict(model.named_parameters())
+    out = []
+    for g in plan.groups:
+        members = g.of("norm") or g.of("out")
+        targets = []
+        for m in members:
+            for p in ("weight", "bias"):
+                name = f"{m.module}.{p}"
+                if name in params:
+                    targets.append((name, torch.tensor(m.idx), torch.tensor(m.root)))
+        out.append(targets)
+    return out
+
+
+@register("cts_channels")
+def cts_channels(ctx: SearchContext) -> SearchResult:
+    cfg, model = ctx.recipe.search, ctx.model
+    example = _example(ctx)
+    plan = structure.discover(model, example)
+    uniform = plan.uniform_counts(cfg.target_macs)
+    frac = min(max(uniform[0] / plan.groups[0].size if plan.groups else 1.0, 1e-3), 1 - 1e-3)
+    per_channel = plan.marginal_costs(uniform)
+    scale = plan.dense_macs  # costs in units of the dense model's MACs keep GRADBALANCE's numbers O(1)
+    names = [f"group{i}" for i in range(len(plan.groups))]
+    logits = {n: torch.full((g.size,), math.log(frac / (1 - frac))) for n, g in zip(names, plan.groups)}
+    costs = {n: torch.full((g.size,), c / scale) for n, g, c in zip(names, plan.groups, per_channel)}
+    kept_cost = sum(c * k for c, k in zip(per_channel, uniform)) / scale
+    params = dict(model.named_parameters())
+    targets = _gate_targets(model, plan)
+    device = ctx.device
+    targets = [[(p, idx.to(device), root.to(device)) for p, idx, root in t] for t in targets]
+
+    def overrides(soft):
+        out = {}
+        for n, group_targets in zip(names, targets):
+            gate = soft[n]
+            for pname, idx, root in group_targets:
+                w = out.get(pname, params[pname])
+                full = torch.ones(w.shape[0], device=w.device, dtype=gate.dtype).index_copy(0, idx, gate[root])
+                out[pname] = w * full.to(w.dtype).view(-1, *[1] * (w.dim() - 1))
+        return out
+
+    trained, info = concrete_search(ctx, logits, costs, kept_cost, overrides, desc="search (CTS, channels)")
+    scores = [torch.sigmoid(trained[n]).cpu() for n in names]
+    keep, sel = structure.select(plan, scores, cfg.target_macs, ctx.recipe.convert.round_to)
+    mask = structure.channel_mask(model, plan, keep)
+    info.update(sel)
+    info.update({"method": "cts_channels", "kept_budget_units": "fraction of dense MACs (linearised)"})
+    ctx.ui.log(f"search: kept {sel['macs_kept']:.3f} of the dense MACs over {sel['groups']} channel groups "
+               f"(counts rounded to multiples of {sel['round_to']})")
+    return SearchResult(model=model, mask=mask, info=info)
+
+
+@register("magnitude_channels")
+def magnitude_channels(ctx: SearchContext) -> SearchResult:
+    cfg, model = ctx.recipe.search, ctx.model
+    example = _example(ctx)
+    plan = structure.discover(model, example)
+    keep, sel = structure.select(plan, structure.magnitude_scores(model, plan), cfg.target_macs,
+                                 ctx.recipe.convert.round_to)
+    spread = structure.fold_shifts(model, plan, keep, example)
+    mask = structure.channel_mask(model, plan, keep)
+    sel.update({"method": "magnitude_channels", "scores": "L1 per channel, normalised per group",
+                "fold_spread": spread})
+    ctx.ui.log(f"search: kept {sel['macs_kept']:.3f} of the dense MACs over {sel['groups']} channel groups "
+               f"(counts rounded to multiples of {sel['round_to']})")
+    return SearchResult(model=model, mask=mask, info=sel)
