@@ -240,6 +240,10 @@ def select(plan: ChannelPlan, scores: list[torch.Tensor], target: float, round_t
             "group_sizes": {g.root: g.size for g in plan.groups}, "macs_kept": current / max(plan.dense_macs, 1e-12),
             "target_macs": target, "round_to": round_to, "budget_met": current <= budget + 1e-6,
             "left_whole": plan.skipped}
+    if not info["budget_met"]:
+        info["notes"] = [f"channels: kept {info['macs_kept']:.3f} of the dense MACs, above search.target_macs "
+                         f"{target:g}: every prunable group is at its smallest count (groups left whole: "
+                         f"{len(plan.skipped)})"]
     return keep, info
 
 
