@@ -63,7 +63,7 @@ def prune_step(model: torch.nn.Module, mask: Mask, keep: int) -> Mask:
 def _save(path: Path, obj: dict) -> None:
     if not distributed.is_main():  # under torchrun rank 0 keeps the rounds; the others read them
         return
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: ranks of a torchrun write alike
     torch.save(obj, tmp)
     os.replace(tmp, path)  # a round counts as finished only once its whole file is there
 
@@ -145,7 +145,7 @@ def imp(ctx: SearchContext) -> SearchResult:
 
     mask = Mask.ones_like(model)
     if done:
-        ctx.ui.log(f"resuming: rounds 1-{done} of {len(plan)} already done, skipped")
+        ctx.ui.log(f"resuming: {'round 1' if done == 1 else f'rounds 1-{done}'} of {len(plan)} already done, skipped")
         for r in range(1, done + 1):
             last = _load(work / f"round-{r:03d}.pt")
             rows.append(last["row"])
