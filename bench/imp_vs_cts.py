@@ -1,7 +1,8 @@
 """Time to a ticket: CTS against IMP (learning-rate rewinding) at the same sparsity, and what layer
 pruning buys, on the demo model (digits-resnet trained on scikit-learn's digits).
 
-    .venv/bin/python bench/imp_vs_cts.py [--sparsities 0.95 0.98] [--imp-epochs 1 3] [--csv out.csv]
+    .venv/bin/python bench/imp_vs_cts.py [--sparsities 0.95 0.98] [--imp-epochs 1 3] [--methods cts imp layers]
+                                         [--csv out.csv]
 
 Each point is a whole `compress` run with the built-in recipe; the time is that of search plus
 fine-tune (export and validation are the same for every method and left out), both wall clock and
@@ -52,6 +53,7 @@ def main() -> int:
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.95, 0.98])
     ap.add_argument("--imp-epochs", type=int, nargs="+", default=[1, 3], help="retraining epochs per IMP round")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--methods", nargs="+", default=["cts", "imp", "layers"], choices=["cts", "imp", "layers"])
     ap.add_argument("--csv", type=Path, default=Path("bench/results/imp_vs_cts.csv"))
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -74,8 +76,10 @@ def main() -> int:
             for s in args.sparsities:
                 cases = [("cts", [])] + [("imp", [f"search.epochs={e}"]) for e in args.imp_epochs]
                 for recipe, sets in cases:
-                    add(run(model, tmp / f"{recipe}-{s}-{len(rows)}", recipe, sets, s, seed))
-            add(run(model, tmp / f"layers-{seed}", "layers", [], None, seed))
+                    if recipe in args.methods:
+                        add(run(model, tmp / f"{recipe}-{s}-{len(rows)}", recipe, sets, s, seed))
+            if "layers" in args.methods:
+                add(run(model, tmp / f"layers-{seed}", "layers", [], None, seed))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; rows also in {args.csv}")
     print("| recipe | settings | sparsity | ONNX acc (dense) | search+fine-tune s | CPU s (whole run) | IMP rounds | "
           "MACs kept | Conv nodes | ORT speed-up b64 |")
