@@ -81,7 +81,7 @@ class GradBalance:
 
     @torch.no_grad()
     def expected(self, logits: list[torch.Tensor], costs: list[torch.Tensor]) -> float:
-        return float(sum((torch.sigmoid(a) * c).sum() for a, c in zip(logits, costs)))
+        return float(sum((torch.sigmoid(a.detach()) * c).sum() for a, c in zip(logits, costs)))
 
     def combine(self, logits: list[torch.Tensor], costs: list[torch.Tensor],
                 task_grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
