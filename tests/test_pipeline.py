@@ -156,3 +156,15 @@ def test_recipes_and_models_listed(cli):
     assert res.exit_code == 0 and "magnitude" in res.output and "cts" in res.output
     assert "method: cts" in cli("recipes", "cts").output
     assert "digits-resnet" in cli("models").output
+
+
+def test_rerunning_a_finished_run_is_a_no_op(cli, user, tmp_path):
+    """The same command twice: the second finds its own finished result and skips every stage;
+    any other run into that folder still needs --force."""
+    assert run_compress(cli, user, "--data", user / "train.npz").exit_code == 0
+    before = (tmp_path / "out" / "model.onnx").stat().st_mtime_ns
+    res = run_compress(cli, user, "--data", user / "train.npz")
+    assert res.exit_code == 0
+    assert (tmp_path / "out" / "model.onnx").stat().st_mtime_ns == before
+    res = run_compress(cli, user, "--data", user / "train.npz", "--sparsity", "0.5")
+    assert res.exit_code == 2 and "--force" in res.output

@@ -133,6 +133,14 @@ def atomic_folder(out: Path, force: bool):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def finished_key(out: Path) -> str | None:
+    """The run key of a finished ticketforge output folder, or None if `out` is anything else."""
+    try:
+        return json.loads((out / "report.json").read_text())["run"]["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def prepare(job: Job) -> tuple[LoadedModel, DataBundle, int]:
     """Load model and data and check they fit each other: every input error surfaces here,
     before anything is written."""
@@ -149,7 +157,7 @@ def compress(job: Job) -> dict | None:
     """Run the whole job; returns the report (also written to the output folder). Under torchrun
     every rank runs it and only rank 0 writes and returns the report (the others return None)."""
     out = Path(job.out or default_out(job.model_path, job.recipe))
-    if out.exists() and not job.force:
+    if out.exists() and not job.force and finished_key(out) is None:  # not ours: fail before any work
         raise UserError(f"output folder {out} already exists; pass --force to replace it")
     if "tensorrt" in job.recipe.export.targets:
         from ticketforge import tensorrt as trt_stage
@@ -185,6 +193,13 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
     common = {"seed": job.seed, "model": Path(job.model_path), "arch": loaded.arch,
               "arch_kwargs": loaded.arch_kwargs, "data": bundle.spec, "val_fraction": job.val_fraction}
     key = run_key({"recipe": recipe.to_dict(), **common})
+    if out.exists() and not job.force:
+        if finished_key(out) != key:
+            raise UserError(f"output folder {out} already exists; pass --force to replace it")
+        # Re-running a finished run is a no-op, as every step of it would be skipped.
+        ui.log(f"skipped every stage: {out} already holds this run's finished result (same recipe, model, "
+               "data and seed); pass --force to recompute it")
+        return json.loads((out / "report.json").read_text()) if main else None
     state_cm = RunState(out, key) if main else nullcontext(None)
     out_cm = atomic_folder(out, job.force) if main else nullcontext(None)
     with state_cm as state, out_cm as tmp:
@@ -369,7 +384,7 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
             **({"nm": nm_section} if nm_section else {}),
             **({"sanity": {**sanity_section, "ticket": compressed_acc}} if sanity_section else {}),
             **deploy,
-            "run": {"processes": world, "resumed_stages": stages.skipped, "mask_sha256": mask_digest},
+            "run": {"key": key, "processes": world, "resumed_stages": stages.skipped, "mask_sha256": mask_digest},
         }
         report["gate"] = gate_stage.evaluate(report, dataclasses.asdict(recipe.gate))
         report_stage.write(report, tmp)
