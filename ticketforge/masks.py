@@ -66,18 +66,6 @@ class Mask(dict):
             torch._foreach_mul_(weights, floats)
 
     @contextmanager
-    def held(self, model: nn.Module):
-        """Pruned weights get no gradient inside this block (call apply() after each optimizer step
-        as well: weight decay and momentum would otherwise revive them)."""
-        weights, floats = self.bind(model)
-        handles = [w.register_hook(lambda g, mm=mm: g * mm) for w, mm in zip(weights, floats)]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-
-    @contextmanager
     def scaled(self, model: nn.Module):
         """Inside this block the pruned weights enter the forward multiplied by a scale (and get
         gradients scaled alike) instead of being zero; yields `set_scale(value)`. The weights are
