@@ -42,9 +42,9 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, devic
     steps_per_epoch = len(loader)
     total_steps = max(1, total_epochs * steps_per_epoch)
     opt = make_optimizer(model, optimizer, lr, momentum, weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
-    for _ in range(start_epoch * steps_per_epoch):
-        sched.step()
+    offset = start_epoch * steps_per_epoch  # rewinding to the middle of a schedule starts there
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s + offset, total_steps) / total_steps)))
     if mask is not None and not decaying:
         mask.apply(model)
     prec = device_mod.precision(device)
