@@ -209,11 +209,11 @@ def gate_cmd(report_path, max_accuracy_drop, min_speedup, max_latency_ms, max_si
 def demo(out, model_out, recipe_name, seed, force, quiet, debug):
     """Train the built-in model on scikit-learn's digits, then compress it (a few minutes on a CPU)."""
     from ticketforge.demo import train_demo_model
-    from ticketforge.pipeline import Job, compress as run_compress
+    from ticketforge.pipeline import Job, compress as run_compress, refuse_existing
 
     for path in (out, model_out):
         if path.exists() and not force:
-            raise UserError(f"{path} already exists; pass --force to replace it")
+            refuse_existing(path)
     recipe = recipes.resolve(recipe_name)
     ui = UI(quiet=quiet)
     train_demo_model(model_out, seed=seed, ui=ui)

@@ -1,8 +1,6 @@
 """The user's data: `digits` (bundled with scikit-learn), a .npz file, or a Python callable."""
 from __future__ import annotations
 
-import importlib
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,13 +94,9 @@ def _npz(path: Path) -> tuple[TensorDataset, TensorDataset | None]:
 
 
 def _callable(spec: str):
-    module_name, _, attr = spec.partition(":")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except Exception as exc:
-        raise UserError(f"--data {spec!r}: cannot import it: {type(exc).__name__}: {exc}") from None
+    from ticketforge.models import import_callable
+
+    fn = import_callable(spec, "--data")
     try:
         result = fn()
         train, val = result

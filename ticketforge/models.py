@@ -21,6 +21,25 @@ def register_model(name: str):
     return deco
 
 
+def import_callable(spec: str, option: str) -> Callable:
+    """`package.module:callable` (dotted attributes allowed), imported from the current directory;
+    every failure is the user's spec and becomes one line naming `option`."""
+    module_name, _, attr = spec.partition(":")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        fn = importlib.import_module(module_name)
+    except Exception as exc:  # any import failure is the user's module, not ours
+        raise UserError(f"{option} {spec!r}: cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise UserError(f"{option} {spec!r}: {module_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise UserError(f"{option} {spec!r}: {attr!r} is not callable")
+    return fn
+
+
 def resolve_arch(arch: str) -> Callable[..., nn.Module]:
     """A built-in name, or `package.module:callable` importable from the current directory."""
     if arch in MODELS:
@@ -28,21 +47,7 @@ def resolve_arch(arch: str) -> Callable[..., nn.Module]:
     if ":" not in arch:
         raise UserError(f"--arch {arch!r}: not a built-in model ({', '.join(sorted(MODELS))}) "
                         "and not of the form package.module:callable")
-    module_name, _, attr = arch.partition(":")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # any import failure is the user's module, not ours
-        raise UserError(f"--arch {arch!r}: cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
-    fn = module
-    for part in attr.split("."):
-        fn = getattr(fn, part, None)
-        if fn is None:
-            raise UserError(f"--arch {arch!r}: {module_name!r} has no attribute {attr!r}")
-    if not callable(fn):
-        raise UserError(f"--arch {arch!r}: {attr!r} is not callable")
-    return fn
+    return import_callable(arch, "--arch")
 
 
 def build(arch: str, kwargs: dict | None = None) -> nn.Module:

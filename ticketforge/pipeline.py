@@ -113,7 +113,7 @@ def atomic_folder(out: Path, force: bool):
     error it is removed. An existing `out` is only replaced with force."""
     out = Path(out)
     if out.exists() and not force:
-        raise UserError(f"output folder {out} already exists; pass --force to replace it")
+        refuse_existing(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp"  # the run's lock protects it; a stale one is from a killed run
     if tmp.exists():
@@ -131,6 +131,11 @@ def atomic_folder(out: Path, force: bool):
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def refuse_existing(path: Path) -> None:
+    """A user's files are never replaced unless they pass --force."""
+    raise UserError(f"{path} already exists; pass --force to replace it")
 
 
 def finished_key(out: Path) -> str | None:
@@ -158,7 +163,7 @@ def compress(job: Job) -> dict | None:
     every rank runs it and only rank 0 writes and returns the report (the others return None)."""
     out = Path(job.out or default_out(job.model_path, job.recipe))
     if out.exists() and not job.force and finished_key(out) is None:  # not ours: fail before any work
-        raise UserError(f"output folder {out} already exists; pass --force to replace it")
+        refuse_existing(out)
     if "tensorrt" in job.recipe.export.targets:
         from ticketforge import tensorrt as trt_stage
 
@@ -195,7 +200,7 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
     key = run_key({"recipe": recipe.to_dict(), **common})
     if out.exists() and not job.force:
         if finished_key(out) != key:
-            raise UserError(f"output folder {out} already exists; pass --force to replace it")
+            refuse_existing(out)
         # Re-running a finished run is a no-op, as every step of it would be skipped.
         ui.log(f"skipped every stage: {out} already holds this run's finished result (same recipe, model, "
                "data and seed); pass --force to recompute it")

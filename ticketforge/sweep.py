@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ticketforge import device as device_mod, distributed
 from ticketforge.errors import UserError
-from ticketforge.pipeline import Job, atomic_folder, compress, default_out
+from ticketforge.pipeline import Job, atomic_folder, compress, default_out, refuse_existing
 from ticketforge.runstate import RunState, run_key
 from ticketforge.ui import UI
 
@@ -112,7 +112,7 @@ def sweep(job: Job, sparsities: list[float], out: Path | None = None) -> list[di
     sweep.md and sweep.png into `out`, which appears complete or not at all."""
     out = Path(out or Path(str(default_out(job.model_path, job.recipe)) + "-sweep"))
     if out.exists() and not job.force:
-        raise UserError(f"output folder {out} already exists; pass --force to replace it")
+        refuse_existing(out)
     recipe = dataclasses.asdict(job.recipe)
     recipe["search"].pop("sparsity")
     key = run_key({"recipe": recipe, "sparsities": sparsities, "seed": job.seed, "model": Path(job.model_path),
