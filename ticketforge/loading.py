@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ticketforge import models
+from ticketforge import models, ticket
 from ticketforge.errors import UserError
 
 STATE_KEYS = ("state_dict", "model_state_dict", "model")
@@ -23,13 +23,16 @@ class LoadedModel:
     arch_kwargs: dict = field(default_factory=dict)
     data: str | None = None          # a DATA spec the checkpoint carries
     kind: str = "state_dict"         # state_dict | checkpoint | torchscript | pickle
+    # Structure conversions a ticket.pt asked for (ticketforge.ticket): replayed on a fresh model,
+    # and carried into the next ticket so that compressions chain.
+    conversions: list = field(default_factory=list)
 
     def fresh(self) -> nn.Module:
-        """A freshly initialised copy of the architecture."""
+        """A freshly initialised copy of the architecture (with the same conversions)."""
         if self.arch is None:
             raise UserError("this search start needs to re-initialise the model: give --arch "
                             "(or a checkpoint that names its arch)")
-        return models.build(self.arch, self.arch_kwargs)
+        return ticket.rebuild(models.build(self.arch, self.arch_kwargs), self.conversions)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -120,7 +123,7 @@ def load_model(path: str | Path, arch: str | None = None, arch_kwargs: dict | No
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a model, checkpoint or state_dict")
 
-    data_spec = spec = None
+    data_spec, conversions = None, []
     state = obj
     if any(k in obj for k in STATE_KEYS) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         key = next(k for k in STATE_KEYS if k in obj)
@@ -132,7 +135,7 @@ def load_model(path: str | Path, arch: str | None = None, arch_kwargs: dict | No
         if arch_kwargs is None:
             arch_kwargs = obj.get("arch_kwargs") or {}
         data_spec = obj.get("data")
-        spec = obj.get("spec")  # a ticketforge ticket of a shrunk model: the layer widths to rebuild
+        conversions = ticket.conversions_of(obj)  # a ticket of a changed architecture: how to rebuild it
         kind = "checkpoint"
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is a dict but not a state_dict (no tensors found under "
@@ -141,8 +144,7 @@ def load_model(path: str | Path, arch: str | None = None, arch_kwargs: dict | No
         raise UserError(f"{path} is a state_dict: say which architecture it belongs to with --arch "
                         f"(a built-in: {', '.join(sorted(models.MODELS))}, or package.module:callable)")
     model = models.build(arch, arch_kwargs)
-    if spec:
-        from ticketforge.structure import apply_spec  # late: structure imports torch-pruning
-        apply_spec(model, spec)
+    ticket.rebuild(model, conversions)
     _fit(model, state, arch)
-    return LoadedModel(model=model, arch=arch, arch_kwargs=arch_kwargs or {}, data=data_spec, kind=kind)
+    return LoadedModel(model=model, arch=arch, arch_kwargs=arch_kwargs or {}, data=data_spec, kind=kind,
+                       conversions=conversions)
