@@ -3,7 +3,8 @@ the ONNX export smaller and, timed side by side with the dense export, not slowe
 import torch
 
 from tests.channel_nets import randomize_bn
-from ticketforge import models, structure, validate
+from ticketforge import models, validate
+from ticketforge.structures.channels import graph, select, surgery
 from ticketforge.export import export_onnx
 from ticketforge.recipe import ExportConfig
 
@@ -11,12 +12,12 @@ from ticketforge.recipe import ExportConfig
 def test_shrunk_export_smaller_and_not_slower(tmp_path):
     model = randomize_bn(models.build("digits-resnet", {"width": 64}))
     x = torch.randn(2, 1, 16, 16)
-    plan = structure.discover(model, x)
-    keep, info = structure.select(plan, structure.magnitude_scores(model, plan), 0.3, 16)
+    plan = graph.discover(model, x)
+    keep, info = select.select(plan, select.l1_scores(model, plan), 0.3, 16)
     assert info["budget_met"] and all(len(k) % 16 == 0 for k in keep)
-    mask = structure.channel_mask(model, plan, keep)
+    mask = surgery.channel_mask(model, plan, keep)
     mask.apply(model)
-    shrunk = structure.shrink(model, plan, keep, x)
+    shrunk = surgery.shrink(model, plan, keep, x)
     export_onnx(model, x, tmp_path / "dense.onnx", ExportConfig())
     export_onnx(shrunk, x, tmp_path / "model.onnx", ExportConfig())
     d, s = validate.onnx_stats(tmp_path / "dense.onnx"), validate.onnx_stats(tmp_path / "model.onnx")

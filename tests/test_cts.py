@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from ticketforge import sanity, search
+from ticketforge import sanity, search, structures
+from ticketforge.finetune import Schedule
 from ticketforge.errors import UserError
 from ticketforge.masks import prunable
 from ticketforge.search.start import starting_point
@@ -16,13 +17,13 @@ def test_each_start_mode_runs(make_ctx, start):
     sp = starting_point(ctx)
     after = prunable(sp.model)
     if start == "trained":
-        assert sp.model is ctx.model and sp.finetune == {}
+        assert sp.model is ctx.model and sp.schedule is None
     else:
         assert sp.model is not ctx.model
         assert all(not torch.equal(before[k], after[k]) for k in before)  # a new init
         k = 1 if start == "rewind" else 0
-        assert sp.finetune["start_epoch"] == k and sp.finetune["epochs"] == 2 - k
-        assert sp.finetune["total_epochs"] == 2 and sp.finetune["lr"] == ctx.recipe.train.lr
+        assert sp.schedule.start_epoch == k and sp.schedule.epochs == 2 - k
+        assert sp.schedule.total_epochs == 2 and sp.schedule.lr == ctx.recipe.train.lr
     assert sp.info["start"] == start
 
 
@@ -51,7 +52,7 @@ def test_rewind_must_leave_epochs_to_retrain(make_ctx):
 def test_cts_passes_the_retrain_schedule_on(make_ctx, start):
     ctx = make_ctx([f"search.start={start}", "search.steps=2", "search.sparsity=0.9"])
     res = search.run(ctx)
-    assert res.finetune["total_epochs"] == 2 and res.info["start"] == start
+    assert res.schedule.total_epochs == 2 and res.info["start"] == start
     assert res.model is not ctx.model
     assert res.mask.kept == round(0.1 * res.mask.total)
 
@@ -95,10 +96,13 @@ def test_sanity_run_trains_every_variant_without_touching_the_ticket(make_ctx):
     ctx, res = _ticket(make_ctx)
     ctx.loaded.arch = None  # reinit cannot be built: reported as skipped, the rest still runs
     before = {k: w.clone() for k, w in prunable(res.model).items()}
-    out = sanity.run(res.model, res.mask, res.scores, ctx.loaded.fresh, ctx.recipe, res.finetune, ctx.data,
-                     ctx.device)
+    out = sanity.run(res.model, res.mask, res.scores, ctx.loaded.fresh, ctx.recipe, Schedule.finetune(ctx.recipe),
+                     structures.get("unstructured"), ctx.data, ctx.device)
     assert set(out["variants"]) == {"shuffled", "inverted"} and "reinit" in out["skipped"]
-    assert all(0.0 <= v["accuracy"] <= 1.0 for v in out["variants"].values())
+    # each variant is what it claims: the same count, and (shuffled) the same per-layer densities
+    assert all(v["kept"] == res.mask.kept for v in out["variants"].values())
+    assert out["variants"]["shuffled"]["per_layer_density"] == pytest.approx(
+        {k: float(m.float().mean()) for k, m in res.mask.items()})
     assert all(torch.equal(before[k], w) for k, w in prunable(res.model).items())
     assert "| inverted |" in "\n".join(sanity.to_markdown(out, 0.5))
 
@@ -190,4 +194,4 @@ def test_cts_trains_the_logits_only_and_keeps_the_exact_count(make_ctx):
     init = math.log(0.05 / 0.95)
     assert any((s - init).abs().max() > 1e-4 for s in res.scores.values())            # logits moved
     assert res.mask.kept == round(0.05 * res.mask.total)
-    assert res.info["steps"] == 3 and res.finetune == {}
+    assert res.info["steps"] == 3 and res.schedule is None

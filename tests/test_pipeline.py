@@ -44,10 +44,12 @@ def test_state_dict_with_arch_and_npz(cli, user, tmp_path):
     d = np.load(user / "train.npz")
     for b in (1, 7):
         assert sess.run(None, {"input": d["x"][:b].astype(np.float32) / 255})[0].shape == (b, 10)
-    assert 0.0 <= report["accuracy"]["onnx"] <= 1.0
+    # the exported model classifies like the torch ticket (within one validation sample), and well
+    assert abs(report["accuracy"]["onnx"] - report["accuracy"]["compressed"]) <= 1 / report["data"]["val"] + 1e-9
+    assert report["accuracy"]["onnx"] > 0.5
     # ticket.pt loads without pickles and holds the masks the export kept.
     ticket = torch.load(out / "ticket.pt", weights_only=True)
-    assert ticket["format"] == "ticketforge.ticket/1"
+    assert ticket["format"] == "ticketforge.ticket/2"
     mask = Mask(ticket["masks"])
     assert mask.sparsity == pytest.approx(0.8, abs=0.002)
     for name, m_ in mask.items():

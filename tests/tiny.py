@@ -16,8 +16,7 @@ TINY = {
     "vit": {"in_channels": 1, "image_size": 8, "patch_size": 2, "dim": 32, "depth": 2, "heads": 2, "mlp_dim": 64},
 }
 
-FAST = ["validate.repeats=3", "validate.warmup=0", "validate.latency_batches=[1]", "finetune.batch_size=64",
-        "search.batch_size=64"]
+FAST = ["validate.repeats=3", "validate.warmup=0", "validate.latency_batches=[1]", "finetune.batch_size=64"]
 
 
 def small_digits(path: Path, n: int = 256) -> str:

@@ -238,7 +238,7 @@ def validate(data: dict) -> Recipe:
     structure.check(recipe)
     # A key the chosen method and structure do not read is a mistake, not a setting: say so.
     given = data.get("search") or {}
-    used = set(COMMON_KEYS) | set(method.keys) | set(structure.budget_keys)
+    used = set(COMMON_KEYS) | set(method.keys) | set(structure.search_keys(method.name))
     for key in given:
         if key not in used:
             raise UserError(f"recipe key 'search.{key}' is not used by search method '{method.name}' with "
@@ -249,7 +249,15 @@ def validate(data: dict) -> Recipe:
     if recipe.search.start not in method.starts:
         raise UserError(f"recipe key 'search.start': search method '{method.name}' searches the trained weights "
                         f"only ({', '.join(method.starts)}); got '{recipe.search.start}'")
+    recipe.source = copy.deepcopy(data)  # what the user wrote: variants (a sweep's points) re-validate from it
     return recipe
+
+
+def with_value(recipe: Recipe, key: str, value: Any) -> Recipe:
+    """The recipe with `key` (a dotted path) set to `value`, checked by the schema like any recipe."""
+    data = copy.deepcopy(getattr(recipe, "source", None) or recipe.to_dict())
+    apply_override(data, key.split("."), value)
+    return validate(data)
 
 
 # ---------------------------------------------------------------- loading and overrides
@@ -344,10 +352,41 @@ def apply_override(data: dict, keys: list[str], value: Any) -> None:
 def resolve(name_or_path: str, sets: list[str] = (), **shortcuts) -> Recipe:
     """Load a recipe, apply --set items then the named shortcuts (sparsity=..., epochs=...), validate."""
     data = load_raw(name_or_path)
+    base = copy.deepcopy(data)
+    given = []
     for item in sets:
-        apply_override(data, *parse_set(item))
+        keys, value = parse_set(item)
+        apply_override(data, keys, value)
+        given.append(keys)
     paths = {"sparsity": ["search", "sparsity"], "epochs": ["finetune", "epochs"]}
     for name, value in shortcuts.items():
         if value is not None:
             apply_override(data, paths[name], value)
+            given.append(paths[name])
+    if ALIASES.get(name_or_path, name_or_path) in builtin_names():
+        _drop_builtin_leftovers(data, base, given)
     return validate(data)
+
+
+def _drop_builtin_leftovers(data: dict, base: dict, given: list[list[str]]) -> None:
+    """`--recipe cts --set search.method=magnitude`: the built-in recipe's settings for its own
+    method (objective, temperature, ...) are not the user's, so they go instead of being refused.
+    Whatever the user set themselves is still checked strictly."""
+    from ticketforge import structures
+    from ticketforge.search import COMMON_KEYS, METHODS
+
+    search, convert = data.get("search"), data.get("convert")
+    if not isinstance(search, dict) or not isinstance(convert, dict | type(None)):
+        return
+    method, structure = search.get("method"), (convert or {}).get("structure", "unstructured")
+    if method not in METHODS or structure not in structures.STRUCTURES:
+        return  # validate() names the problem
+    if method == base.get("search", {}).get("method") and structure == base.get("convert", {}).get("structure",
+                                                                                                  "unstructured"):
+        return
+    used = set(COMMON_KEYS) | set(METHODS.get(method).keys) | set(structures.get(structure).search_keys(method))
+    for key in [k for k in search if k not in used and ["search", k] not in given]:
+        del search[key]
+    for key in [k for k in (convert or {}) if k != "structure" and ["convert", k] not in given
+                and k not in structures.get(structure).convert_keys]:
+        del convert[key]

@@ -113,7 +113,7 @@ def imp(ctx: SearchContext) -> SearchResult:
     rows: list[dict] = []
     rewinding = cfg.start != "trained"
     if not rewinding:
-        model, info, train_round = ctx.model, {"start": "trained", "retrain": "learning-rate rewinding"}, _Trainer(ctx, {})
+        model, info, train_round = ctx.model, {"start": "trained", "retrain": "learning-rate rewinding"}, _Trainer(ctx, None)
     else:
         # Round 0 of the lottery procedure: the dense network trained from the start point to the
         # end of the schedule; the start point is what every round rewinds to.

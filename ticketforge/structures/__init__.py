@@ -55,6 +55,10 @@ class Structure:
             raise UserError(f"recipe: convert.structure '{self.name}' takes tickets of the search methods "
                             f"{', '.join(self.methods)}; got search.method '{recipe.search.method}'")
 
+    def search_keys(self, method: str) -> tuple[str, ...]:
+        """The `search` keys this structure reads with `method` (its budget)."""
+        return self.budget_keys
+
     def budget(self, recipe: "Recipe") -> str:
         """The budget in words, for the log."""
         return ", ".join(f"{k} {getattr(recipe.search, k):g}" for k in self.budget_keys) or "fixed"
