@@ -23,6 +23,7 @@ import ticketforge
 from ticketforge import convert as convert_stage, data as data_stage, device as device_mod, distributed
 from ticketforge import export as export_stage
 from ticketforge import finetune, gate as gate_stage, nm, quantize, report as report_stage, sanity, search, validate
+from ticketforge import latency as latency_stage, sparse_storage
 from ticketforge.data import DataBundle, check_against_model, load_data, loader
 from ticketforge.errors import UserError
 from ticketforge.loading import LoadedModel, load_model
@@ -312,33 +313,38 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
         # export (into the run state first, so a resumed run keeps finished files)
         t = time.perf_counter()
         example = bundle.example(2)
+        samples = bundle.example(validate.CHECK_SAMPLES)  # real validation samples for every check
         files = state.dir / "export"
         if stages.resume("export", everyone=False) is None:
             shutil.rmtree(files, ignore_errors=True)  # a killed run's partial files
             files = state.subdir("export")
             export_stage.export_onnx(dense_copy, example, files / "dense.onnx", recipe.export)
             export_stage.export_onnx(model, example, files / "model.onnx", recipe.export)
+            storage = sparse_storage.store(files / "model.onnx", recipe.export.sparse_storage,
+                                           validate.feed(files / "model.onnx", samples))
             save_ticket(files / "ticket.pt", model, mask, loaded, conv.spec, recipe)
-            stages.finish("export", {"files": sorted(p.name for p in files.iterdir())})
-        for name in state.load("export")["files"]:
+            stages.finish("export", {"files": sorted(p.name for p in files.iterdir()), "storage": storage})
+        exported = state.load("export")
+        for name in exported["files"]:
             shutil.copy2(files / name, tmp / name)
         timings["export"] = time.perf_counter() - t
 
         # validate
         t = time.perf_counter()
         ui.log("validate: ONNX Runtime accuracy, parity and latency")
-        par = validate.parity(model, tmp / "model.onnx", example.repeat(8, *[1] * (example.dim() - 1))[:16])
-        if par > recipe.validate.parity_tol:
+        par = validate.parity(model, tmp / "model.onnx", samples)
+        if par["max"] > recipe.validate.parity_tol:
             from ticketforge.errors import VerificationError
             raise VerificationError(f"model.onnx disagrees with the torch model: max abs logit difference "
-                                    f"{par:.3e} > validate.parity_tol {recipe.validate.parity_tol:g}")
+                                    f"{par['max']:.3e} > validate.parity_tol {recipe.validate.parity_tol:g}")
         nm_section = (nm.read_back(tmp / "model.onnx", conv.info, recipe.convert.nm_decay)
                       if recipe.convert.structure == "2:4" else None)
         onnx_acc = validate.onnx_accuracy(tmp / "model.onnx", bundle.val)
         dense_onnx_acc = validate.onnx_accuracy(tmp / "dense.onnx", bundle.val)
         stats_d, stats_c = validate.onnx_stats(tmp / "dense.onnx"), validate.onnx_stats(tmp / "model.onnx")
+        timing = validate.latency_settings(recipe.validate)
         lat = validate.latency(tmp / "dense.onnx", tmp / "model.onnx", bundle.input_shape,
-                               recipe.validate.latency_batches, recipe.validate.repeats, recipe.validate.warmup)
+                               recipe.validate.latency_batches, settings=timing)
         timings["validate"] = time.perf_counter() - t
 
         # deployment targets beyond model.onnx
@@ -348,7 +354,7 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
             ui.log(f"quantize: model.{recipe.export.quantize}.onnx")
             deploy["quantize"], rows = quantize.export_quantized(
                 tmp, recipe.export.quantize, bundle, recipe.validate.repeats, recipe.validate.warmup,
-                recipe.validate.latency_batches)
+                recipe.validate.latency_batches, settings=timing, storage=recipe.export.sparse_storage)
             extra_acc[recipe.export.quantize] = deploy["quantize"]["accuracy"]
             lat += rows
             timings["quantize"] = time.perf_counter() - t
@@ -380,10 +386,13 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
                        "dense_weights": stats_d["weights"], "compressed_weights": stats_c["weights"]},
             "macs": {"dense": stats_d["macs"], "compressed": stats_c["macs"]},
             "size_mb": {"dense": stats_d["size_mb"], "compressed": stats_c["size_mb"]},
+            "size": {"dense": sparse_storage.sizes(tmp / "dense.onnx"), "compressed": sparse_storage.sizes(tmp / "model.onnx"),
+                     "storage": exported.get("storage")},
             "accuracy": {"dense": dense_acc, "compressed": compressed_acc, "onnx": onnx_acc,
                          "dense_onnx": dense_onnx_acc, "before_finetune": acc_before, **extra_acc},
-            "parity": par,
+            "parity": par["max"], "parity_mean": par["mean"], "parity_samples": par["samples"],
             "latency": lat,
+            "latency_env": latency_stage.environment("CPUExecutionProvider", timing.threads),
             "timings": {k: round(v, 3) for k, v in timings.items()},
             "notes": found.info.get("notes", []) + prepared.get("notes", []) + conv.info.get("notes", []),
             **({"nm": nm_section} if nm_section else {}),
@@ -395,7 +404,7 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
         report_stage.write(report, tmp)
         state.finish()
     ui.log(f"wrote {out}/: accuracy {dense_acc:.4f} -> {onnx_acc:.4f} (ONNX), sparsity {stats_c['sparsity']:.4f}, "
-           + ", ".join(f"{r['backend']} batch {r['batch']} {r['speedup']:.2f}x" for r in lat))
+           + ", ".join(f"{r['backend']} batch {r['batch']} {latency_stage.describe(r)}" for r in lat))
     failed = [c["name"] for c in report["gate"]["checks"] if not c["passed"]]
     if report["gate"]["checks"]:
         ui.log(f"gate: {'FAILED ' + ', '.join(failed) if failed else 'passed'} ({len(report['gate']['checks'])} checks)")
