@@ -119,7 +119,8 @@ def make_ctx():
     return make
 
 
-FAST = ["--epochs", "1", "--set", "validate.repeats=3", "--set", "validate.warmup=1", "--quiet"]
+FAST = ["--epochs", "1", "--set", "validate.repeats=3", "--set", "validate.warmup=1", "--set", "validate.max_seconds=0.5",
+        "--quiet"]
 
 
 @pytest.fixture

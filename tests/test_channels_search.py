@@ -15,7 +15,7 @@ from ticketforge.ui import SILENT
 
 def run(recipe, *sets):
     torch.save(models.build("digits-resnet", {"width": 16}).state_dict(), "m.pt")
-    r = resolve(recipe, ["finetune.epochs=0", "validate.repeats=3", "validate.warmup=1", *sets])
+    r = resolve(recipe, ["finetune.epochs=0", "validate.repeats=3", "validate.warmup=1", "validate.max_seconds=0.5", *sets])
     job = Job(model_path="m.pt", recipe=r, data="digits", arch="digits-resnet", arch_kwargs={"width": 16},
               out="out", ui=SILENT)
     return compress(job)

@@ -129,7 +129,7 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, devic
     hold = mask.scaled(model) if decaying else _nothing()
     # A hard mask costs two fused multiplies per step (gradients, then weights), bound once here.
     weights, keep = mask.bind(model) if mask is not None and not decaying else ([], [])
-    with hold as set_scale, ui.progress(desc, steps) as advance:
+    with hold as set_scale, ui.progress(desc, steps, per_epoch=steps_per_epoch) as advance:
         for epoch in range(epochs):
             total, count = 0.0, 0
             for i, (x, y) in enumerate(loader):

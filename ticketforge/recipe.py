@@ -94,23 +94,37 @@ class ExportConfig:
     opset: int = opt(17, "ONNX opset", lo=13)
     quantize: str = opt("none", "also write a quantized model", choices=["none", "int8", "fp16"])
     trt_batch: list = opt([1, 64, 256], "TensorRT optimization profile: min, opt, max batch")
+    sparse_storage: str = opt("auto", "store mostly-zero weights as ONNX sparse initializers: where the file gets "
+                              "smaller, always, or never (ONNX Runtime densifies them at load)",
+                              choices=["auto", "always", "never"])
 
 
 @dataclass
 class ValidateConfig:
     latency_batches: list = opt([1, 64], "batch sizes timed")
-    repeats: int = opt(30, "timed runs per model and batch (after warm-up)", lo=3)
+    repeats: int = opt(100, "timed pairs (dense and compressed, interleaved) per batch before the interval may "
+                       "stop the timing (fewer only if max_seconds comes first)", lo=3)
     warmup: int = opt(5, "untimed runs first", lo=0)
+    ci_target: float = opt(0.03, "time until the speed-up's 95% interval is within +- this fraction", lo=0.0,
+                           lo_open=True)
+    max_seconds: float = opt(5.0, "time cap per latency row: stop here even if the interval is still wider",
+                             lo=0.0, lo_open=True)
+    threads: int = opt(1, "ONNX Runtime intra-op threads while timing (fixed, so that numbers compare across "
+                       "machines; 0: every core of this one)", lo=0)
     parity_tol: float = opt(1e-3, "max abs logit difference allowed between torch and ONNX", lo=0.0, lo_open=True)
 
 
 @dataclass
 class GateConfig:
     max_accuracy_drop: Optional[float] = opt(None, "dense accuracy minus exported ONNX accuracy, at most")
-    min_speedup: Optional[float] = opt(None, "ONNX Runtime speed-up over dense, at least (every backend and batch)")
-    max_latency_ms: Optional[float] = opt(None, "latency of the exported model, at most (every backend and batch)")
+    min_speedup: Optional[float] = opt(None, "speed-up over dense, at least, checked on the low end of its 95% "
+                                       "interval (every backend and batch, or gate.batch)")
+    max_latency_ms: Optional[float] = opt(None, "latency of the exported model, at most, checked on the high end of "
+                                          "its 95% interval (every backend and batch, or gate.batch)")
     max_size_mb: Optional[float] = opt(None, "size of model.onnx in MB, at most", lo=0.0)
     min_sparsity: Optional[float] = opt(None, "achieved sparsity, at least", lo=0.0, hi=1.0)
+    batch: Optional[int] = opt(None, "check min_speedup and max_latency_ms only at this batch size (one of "
+                               "validate.latency_batches); unset: at every batch", lo=1)
 
 
 @dataclass
@@ -249,6 +263,9 @@ def validate(data: dict) -> Recipe:
     if recipe.search.start not in method.starts:
         raise UserError(f"recipe key 'search.start': search method '{method.name}' searches the trained weights "
                         f"only ({', '.join(method.starts)}); got '{recipe.search.start}'")
+    if recipe.gate.batch is not None and recipe.gate.batch not in recipe.validate.latency_batches:
+        raise UserError(f"recipe key 'gate.batch': {recipe.gate.batch} is not timed; validate.latency_batches is "
+                        f"{recipe.validate.latency_batches}")
     recipe.source = copy.deepcopy(data)  # what the user wrote: variants (a sweep's points) re-validate from it
     return recipe
 

@@ -2,7 +2,6 @@
 the dense export, and the sparsity, parameters and MACs read back from the ONNX files."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +11,13 @@ import torch
 from onnx import numpy_helper
 from torch.utils.data import Dataset
 
+from ticketforge import latency as latency_mod
 from ticketforge.data import loader
 from ticketforge.errors import VerificationError
+from ticketforge.sparse_storage import load_dense
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+CHECK_SAMPLES = 64  # validation samples that parity and the sparse-storage check run on
 
 
 def session(path: str | Path, provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
@@ -33,6 +35,12 @@ def run(sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
+def feed(path: str | Path, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """The input dict of the ONNX model at `path` for the batch x."""
+    name = onnx.load(str(path), load_external_data=False).graph.input[0].name
+    return {name: x.cpu().numpy().astype(np.float32)}
+
+
 def onnx_accuracy(path: str | Path, ds: Dataset, batch_size: int = 256) -> float:
     sess = session(path)
     correct = total = 0
@@ -44,36 +52,33 @@ def onnx_accuracy(path: str | Path, ds: Dataset, batch_size: int = 256) -> float
 
 
 @torch.no_grad()
-def parity(model: torch.nn.Module, path: str | Path, x: torch.Tensor) -> tuple[float, float]:
-    """Largest and mean abs difference between the torch model's logits and the ONNX model's, on the CPU."""
+def parity(model: torch.nn.Module, path: str | Path, x: torch.Tensor) -> dict:
+    """Largest and mean abs difference between the torch model's logits and the ONNX model's, on
+    the CPU, over the samples x (real validation samples: random inputs miss what real ones hit)."""
     model.eval()
     ref = model(x.to(next(model.parameters()).device)).float().cpu().numpy()
     got = run(session(path), x.cpu().numpy().astype(np.float32))
     diff = np.abs(ref - got)
-    return float(diff.max()), float(diff.mean())
+    return {"max": float(diff.max()), "mean": float(diff.mean()), "samples": len(x)}
+
+
+def latency_settings(cfg) -> latency_mod.Settings:
+    """The timing settings of a recipe's `validate` section."""
+    return latency_mod.Settings(min_runs=cfg.repeats, warmup=cfg.warmup, max_seconds=cfg.max_seconds,
+                                ci_target=cfg.ci_target, threads=cfg.threads)
 
 
 def latency(dense: str | Path, compressed: str | Path, sample_shape: tuple[int, ...], batches: list[int],
             repeats: int = 30, warmup: int = 5, backend: str = "onnxruntime-cpu",
-            provider: str = "CPUExecutionProvider") -> list[dict]:
-    """Median latency of both models, timed alternately in this process so that machine noise
-    hits both alike."""
-    sd, sc = session(dense, provider), session(compressed, provider)
-    rows = []
-    rng = np.random.default_rng(0)
-    for b in batches:
-        x = rng.random((b, *sample_shape), dtype=np.float32)
-        td, tc = [], []
-        for i in range(warmup + repeats):
-            for sess, times in ((sd, td), (sc, tc)):
-                t0 = time.perf_counter()
-                run(sess, x)
-                if i >= warmup:
-                    times.append(time.perf_counter() - t0)
-        d, c = float(np.median(td) * 1e3), float(np.median(tc) * 1e3)
-        rows.append({"backend": backend, "batch": b, "dense_ms": round(d, 4), "compressed_ms": round(c, 4),
-                     "speedup": round(d / c, 3)})
-    return rows
+            provider: str = "CPUExecutionProvider", settings: latency_mod.Settings | None = None) -> list[dict]:
+    """Latency rows of the compressed model against the dense one, each with the speed-up's 95%
+    interval (ticketforge.latency). `settings` (latency_settings(recipe.validate)) replaces
+    repeats and warmup."""
+    s = settings or latency_mod.Settings(min_runs=repeats, warmup=warmup)
+    for path in (dense, compressed):
+        session(path, provider)  # a file ONNX Runtime cannot load is a verification error, with its reason
+    return latency_mod.compare(dense, compressed, batches, s, sample_shape=sample_shape, backend=backend,
+                               provider=provider)
 
 
 def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -90,7 +95,7 @@ def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def onnx_stats(path: str | Path) -> dict:
     """Sparsity, non-zero parameters, MACs per sample and file size, read from the ONNX file."""
-    model = onnx.load(str(path))
+    model = load_dense(path)  # sparse-stored weights count as the tensors they stand for
     weights = _weights(model)
     total = sum(w.size for w in weights.values())
     zeros = sum(int((w == 0).sum()) for w in weights.values())

@@ -158,7 +158,7 @@ def concrete_search(ctx: SearchContext, logits: dict[str, torch.Tensor], costs: 
     amp = device.type == "cuda"
     amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
     step, t0, last = 0, time.perf_counter(), {}
-    with ctx.ui.progress(desc, total) as advance:
+    with ctx.ui.progress(desc, total, per_epoch=len(data)) as advance:
         while step < total:
             for x, y in data:
                 if step == drop_at:
