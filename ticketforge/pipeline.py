@@ -284,7 +284,7 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
                                optimizer=over.get("optimizer", ft.optimizer), momentum=over.get("momentum", ft.momentum),
                                weight_decay=over.get("weight_decay", ft.weight_decay), grad_clip=ft.grad_clip,
                                mask=mask, ui=ui, start_epoch=over.get("start_epoch", 0),
-                               total_epochs=over.get("total_epochs"),
+                               start_step=over.get("start_step", 0), total_epochs=over.get("total_epochs"),
                                mask_scale=nm.pgf_scale if recipe.convert.structure == "2:4"
                                and recipe.convert.nm_decay == "exponential" else None)
             stages.finish("finetune", {"model": cpu_state(model), "acc_before": acc_before,

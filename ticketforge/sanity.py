@@ -50,7 +50,7 @@ def retrain(model: nn.Module, mask: Mask, recipe: Recipe, over: dict, bundle: Da
                        optimizer=over.get("optimizer", ft.optimizer), momentum=over.get("momentum", ft.momentum),
                        weight_decay=over.get("weight_decay", ft.weight_decay), grad_clip=ft.grad_clip,
                        mask=mask, ui=ui, desc=desc, start_epoch=over.get("start_epoch", 0),
-                       total_epochs=over.get("total_epochs"))
+                       start_step=over.get("start_step", 0), total_epochs=over.get("total_epochs"))
     return finetune.evaluate(model, loader(bundle.val, 256), device)
 
 
