@@ -212,6 +212,30 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def table(rows: list[dict]) -> str:
+    """Markdown: accuracy mean +- std (n) and median time per data set, method and sparsity."""
+    import statistics
+
+    out = []
+    for name in sorted({r["data"] for r in rows}):
+        sps = sorted({float(r["sparsity"]) for r in rows if r["data"] == name})
+        out += [f"**{name}** (dense {100 * statistics.mean(float(r['dense_accuracy']) for r in rows if r['data'] == name):.1f}%)",
+                "", "| method | " + " | ".join(f"{100 * s:g}%" for s in sps) + " | median time to ticket |",
+                "|---|" + "---:|" * (len(sps) + 1)]
+        for method in [m for m in METHODS if any(r["method"] == m and r["data"] == name for r in rows)]:
+            cells, times = [], []
+            for s in sps:
+                acc = [100 * float(r["accuracy"]) for r in rows if r["data"] == name and r["method"] == method
+                       and float(r["sparsity"]) == s]
+                times += [float(r["time_s"]) for r in rows if r["data"] == name and r["method"] == method
+                          and float(r["sparsity"]) == s]
+                sd = f" ± {statistics.stdev(acc):.1f}" if len(acc) > 1 else ""
+                cells.append(f"{statistics.mean(acc):.1f}{sd} ({len(acc)})" if acc else "-")
+            out.append(f"| {method} | " + " | ".join(cells) + f" | {statistics.median(times):.1f} s |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -225,7 +249,13 @@ def main():
     p.add_argument("--set", dest="sets", action="append", default=[], help="extra recipe override, KEY=VALUE")
     p.add_argument("--threads", type=int, default=1, help="1: on a shared 2-core machine more threads thrash")
     p.add_argument("--out", type=Path, default=OUT / "cts_vs_ltr.csv")
+    p.add_argument("--table", action="store_true", help="print the markdown table of --out and redraw its plot")
     args = p.parse_args()
+    if args.table:
+        rows = list(csv.DictReader(open(args.out)))
+        plot(rows, args.out.with_suffix(".png"))
+        print(table(rows))
+        return
     torch.set_num_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = list(csv.DictReader(open(args.out))) if args.out.exists() else []
