@@ -195,3 +195,92 @@ def test_cts_trains_the_logits_only_and_keeps_the_exact_count(make_ctx):
     assert any((s - init).abs().max() > 1e-4 for s in res.scores.values())            # logits moved
     assert res.mask.kept == round(0.05 * res.mask.total)
     assert res.info["steps"] == 3 and res.schedule is None
+
+
+# ---------------------------------------------------------------- issue 11 defects 3, 8, 10; stopping (issue 15)
+
+@pytest.mark.parametrize("start", ["trained", "rewind", "init"])
+def test_every_gate_on_gives_an_objective_of_zero(make_ctx, start):
+    """Teacher and student normalise alike: with every gate saturated on, the student is the
+    teacher, whatever the start (a fresh or rewound model's running statistics are not the batch's)."""
+    import dataclasses
+
+    from ticketforge.search.cts import concrete_search
+
+    ctx = make_ctx([f"search.start={start}", "train.rewind_epochs=1", "search.steps=2", "search.lr=1e-9"])
+    ctx = dataclasses.replace(ctx, model=starting_point(ctx).model)
+    weights = prunable(ctx.model)
+    logits = {n: torch.full_like(w, 100.0) for n, w in weights.items()}  # sigmoid(100 + L / t) == 1
+    _, info = concrete_search(ctx, logits, {n: torch.ones(()) for n in logits}, 1.0,
+                              lambda soft: {n: weights[n] * soft[n] for n in soft})
+    assert abs(info["final_objective"]) < 1e-3
+
+
+def test_cts_gives_frozen_parameters_back_frozen(make_ctx):
+    ctx = make_ctx(["search.steps=2"])
+    params = list(ctx.model.parameters())
+    params[0].requires_grad_(False)
+    params[-1].requires_grad_(False)
+    before = [p.requires_grad for p in ctx.model.parameters()]
+    search.run(ctx)
+    assert [p.requires_grad for p in ctx.model.parameters()] == before
+
+
+def test_search_never_runs_in_unscaled_fp16(monkeypatch):
+    from ticketforge.search.cts import search_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    prec = search_precision(torch.device("cuda"))
+    assert not (prec.enabled and prec.dtype == torch.float16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert search_precision(torch.device("cuda")).dtype == torch.bfloat16
+    assert not search_precision(torch.device("cpu")).enabled
+
+
+def _gates(n=2000, k=100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    best = torch.randperm(n, generator=g)[:k]
+    value = torch.zeros(n)
+    value[best] = 1.0
+    return best, value, torch.full((n,), math.log(k / n / (1 - k / n)), requires_grad=True)
+
+
+def test_search_stops_once_the_top_k_set_is_the_known_optimum():
+    """A synthetic objective whose optimum is known: it rewards exactly k gates and sends the others
+    zero-mean noise. The search must stop on its own, well before the cap, holding those k gates."""
+    from ticketforge.search.cts import StopRule, optimise_gates
+
+    n, k = 2000, 100
+    best, value, a = _gates(n, k)
+    g = torch.Generator().manual_seed(1)
+
+    def loss_fn(soft, x, y):
+        noise = 0.3 * torch.randn(n, generator=g)
+        return -((value + noise) * soft[0]).sum() * 100 / k
+
+    info = optimise_gates([a], [torch.ones(())], float(k), loss_fn, [(None, None)] * 10, 3000, lr=0.1,
+                          temperature=2 / 3, stop=StopRule(keep=k, overlap=0.999, window=5, every=5))
+    assert info["stop"]["reason"] == "converged" and info["steps"] < 1000
+    assert info["steps"] == info["stop"]["step"] and info["stop"]["topk_overlap"] > 0.999
+    assert set(torch.topk(a.detach(), k).indices.tolist()) == set(best.tolist())
+
+
+def test_search_without_convergence_runs_to_the_cap():
+    from ticketforge.search.cts import StopRule, optimise_gates
+
+    n, k = 2000, 100
+    _, _, a = _gates(n, k)
+    g = torch.Generator().manual_seed(1)
+    info = optimise_gates([a], [torch.ones(())], float(k),
+                          lambda soft, x, y: (torch.randn(n, generator=g) * soft[0]).sum(), [(None, None)] * 10,
+                          200, lr=0.1, temperature=2 / 3, stop=StopRule(keep=k, overlap=0.999, window=5, every=5))
+    assert info["stop"]["reason"] == "cap" and info["steps"] == 200
+
+
+def test_cts_reports_where_and_why_it_stopped(make_ctx):
+    res = search.run(make_ctx(["search.epochs=3", "search.check_every=1", "search.stop_window=2"]))
+    stop = res.info["stop"]
+    assert stop["reason"] in ("converged", "cap") and stop["step"] == res.info["steps"] <= res.info["max_steps"]
+    assert res.info["max_steps"] == 3 * 4  # 64 samples, batch 16: the cap is search.epochs
+    off = search.run(make_ctx(["search.epochs=3", "search.stop_overlap=1"]))
+    assert "stop" not in off.info and off.info["steps"] == 12

@@ -49,6 +49,11 @@ class SearchConfig:
     prune_fraction: float = opt(0.2, "IMP: fraction of the remaining weights removed per round",
                                 lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     synflow_rounds: int = opt(100, "SynFlow: pruning rounds (exponential schedule)", lo=1)
+    stop_overlap: float = opt(0.999, "CTS: stop once successive top-k sets of the logits overlap more than this "
+                              "for stop_window checks (epochs/steps are then the cap); 1: never stop early",
+                              lo=0.0, hi=1.0, lo_open=True)
+    stop_window: int = opt(5, "CTS: checks in a row the top-k set must hold", lo=1)
+    check_every: int = opt(0, "CTS: steps between checks of the top-k set (0: a quarter epoch)", lo=0)
     sanity: bool = opt(False, "also train the sanity-check variants (shuffled, inverted, re-initialised)")
 
 
@@ -58,6 +63,8 @@ class TrainConfig:
 
     epochs: int = opt(10, "total training epochs of the schedule", lo=1)
     rewind_epochs: float = opt(1.0, "rewind: epochs of dense training before the search", lo=0.0)
+    rewind_steps: int = opt(0, "rewind: optimizer steps of dense training before the search; overrides "
+                            "rewind_epochs when > 0 (rewinding to an iteration, as open_lth does)", lo=0)
     lr: float = opt(0.1, "SGD learning rate", lo=0.0, lo_open=True)
     batch_size: int = opt(128, "batch size", lo=1)
     momentum: float = opt(0.9, "SGD momentum", lo=0.0, hi=1.0)
