@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from ticketforge import gate
+from ticketforge.report_schema import Report
 from ticketforge.cli import cli
 from ticketforge.demo import train_demo_model
 from ticketforge.errors import UserError
@@ -97,11 +98,19 @@ def test_gate_command_bad_input_exit_2(tmp_path):
     assert result.exit_code == 2 and "not a ticketforge report" in result.output
 
 
+def _report(**sections) -> Report:
+    """A Report with the sections a test sets; the rest empty."""
+    base = {"ticketforge_version": "test", "recipe": {"gate": {}}, "seed": 0, "device": "cpu", "model": {},
+            "data": {}, "search": {}, "convert": {}, "sparsity": {}, "params": {}, "macs": {}, "size_mb": {},
+            "accuracy": {}, "parity": 0.0, "latency": [], "timings": {}}
+    return Report.from_dict({**base, **sections})
+
+
 def test_evaluate_checks_every_backend_and_batch():
-    report = {"accuracy": {"dense": 0.9, "onnx": 0.88, "int8": 0.85},
-              "latency": [{"backend": "a", "batch": 1, "speedup": 1.5, "compressed_ms": 1.0},
-                          {"backend": "b", "batch": 64, "speedup": 0.9, "compressed_ms": 20.0}],
-              "size_mb": {"compressed": 2.0}, "sparsity": {"achieved": 0.5}}
+    report = _report(accuracy={"dense": 0.9, "onnx": 0.88, "int8": 0.85},
+                     latency=[{"backend": "a", "batch": 1, "speedup": 1.5, "compressed_ms": 1.0},
+                              {"backend": "b", "batch": 64, "speedup": 0.9, "compressed_ms": 20.0}],
+                     size_mb={"compressed": 2.0}, sparsity={"achieved": 0.5})
     result = gate.evaluate(report, {"max_accuracy_drop": 0.03, "min_speedup": 1.0, "max_latency_ms": 10.0})
     verdict = {c["name"]: c["passed"] for c in result["checks"]}
     assert verdict == {"max_accuracy_drop[model.onnx]": True, "max_accuracy_drop[model.int8.onnx]": False,
@@ -118,9 +127,9 @@ ROWS = [{"backend": "onnxruntime-cpu", "batch": 1, "speedup": 1.02, "speedup_ci"
          "compressed_ms": 4.0, "compressed_ms_ci": [3.9, 4.6]}]
 
 
-def _synthetic(rows=ROWS) -> dict:
-    return {"recipe": {"gate": {}}, "accuracy": {"dense": 0.9, "onnx": 0.9}, "latency": rows,
-            "size_mb": {"compressed": 1.0}, "sparsity": {"achieved": 0.9}}
+def _synthetic(rows=ROWS) -> Report:
+    return _report(accuracy={"dense": 0.9, "onnx": 0.9}, latency=rows, size_mb={"compressed": 1.0},
+                   sparsity={"achieved": 0.9})
 
 
 def test_min_speedup_is_checked_on_the_interval_low_end():
@@ -154,7 +163,7 @@ def test_thresholds_limited_to_one_batch():
 
 
 def test_gate_command_batch_option():
-    Path("r.json").write_text(json.dumps(_synthetic()))
+    Path("r.json").write_text(json.dumps(_synthetic().to_dict()))
     run = CliRunner().invoke
     assert run(cli, ["gate", "r.json", "--min-speedup", "1.1"]).exit_code == 1  # batch 1 cannot show 1.1x
     ok = run(cli, ["gate", "r.json", "--min-speedup", "1.1", "--batch", "64"])

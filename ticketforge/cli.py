@@ -191,7 +191,7 @@ def gate_cmd(report_path, max_accuracy_drop, min_speedup, max_latency_ms, max_si
     Exit 0 when every check passes, 1 when one fails, 2 on bad input."""
     gate.check_junit_path(junit)
     report = gate.load_report(report_path)
-    thresholds = dict(report["recipe"].get("gate") or {})
+    thresholds = dict(report.recipe.get("gate") or {})
     flags = {"max_accuracy_drop": max_accuracy_drop, "min_speedup": min_speedup, "max_latency_ms": max_latency_ms,
              "max_size_mb": max_size_mb, "min_sparsity": min_sparsity, "batch": batch}
     thresholds.update({k: v for k, v in flags.items() if v is not None})

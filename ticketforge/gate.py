@@ -23,8 +23,9 @@ from pathlib import Path
 
 from ticketforge.errors import UserError
 from ticketforge.recipe import GateConfig
+from ticketforge.report_schema import Report
 
-# accuracy key in report["accuracy"] -> the exported file it was measured on
+# accuracy key in Report.accuracy -> the exported file it was measured on
 EXPORTED = {"onnx": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx", "engine": "model.engine"}
 
 
@@ -35,9 +36,9 @@ def _check(name: str, threshold: float, measured: float, passed: bool, measured_
     return check
 
 
-def latency_rows(report: dict, batch: int | None) -> list[dict]:
+def latency_rows(report: Report, batch: int | None) -> list[dict]:
     """The latency rows a speed or latency threshold applies to: all, or those of one batch size."""
-    rows = report.get("latency", [])
+    rows = report.latency
     if batch is None:
         return rows
     chosen = [r for r in rows if r["batch"] == batch]
@@ -47,12 +48,12 @@ def latency_rows(report: dict, batch: int | None) -> list[dict]:
     return chosen
 
 
-def evaluate(report: dict, thresholds: dict) -> dict:
+def evaluate(report: Report, thresholds: dict) -> dict:
     """The gate section for `report` under `thresholds` (GateConfig fields; None = not checked)."""
     t = {f.name: thresholds.get(f.name) for f in dataclasses.fields(GateConfig)}
     checks = []
     if t["max_accuracy_drop"] is not None:
-        acc = report["accuracy"]
+        acc = report.accuracy
         for key, file in EXPORTED.items():
             if acc.get(key) is not None:
                 drop = acc["dense"] - acc[key]
@@ -70,26 +71,23 @@ def evaluate(report: dict, thresholds: dict) -> dict:
             high, how = (ci[1], "high end of the 95% interval") if ci else (row["compressed_ms"], "point value, no interval")
             checks.append(_check(f"max_latency_ms[{where}]", t["max_latency_ms"], high, high <= t["max_latency_ms"], how))
     if t["max_size_mb"] is not None:
-        size = report["size_mb"]["compressed"]
+        size = report.size_mb["compressed"]
         checks.append(_check("max_size_mb[model.onnx]", t["max_size_mb"], size, size <= t["max_size_mb"]))
     if t["min_sparsity"] is not None:
-        sp = report["sparsity"]["achieved"]
+        sp = report.sparsity["achieved"]
         checks.append(_check("min_sparsity[model.onnx]", t["min_sparsity"], sp, sp >= t["min_sparsity"]))
     return {"passed": all(c["passed"] for c in checks), "checks": checks}
 
 
-def load_report(path: str | Path) -> dict:
+def load_report(path: str | Path) -> Report:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"report {path} does not exist")
     try:
-        report = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"cannot read report {path}: {exc}") from None
-    needed = ("recipe", "accuracy", "latency", "size_mb", "sparsity")
-    if not isinstance(report, dict) or any(k not in report for k in needed):
-        raise UserError(f"{path} is not a ticketforge report.json (needs keys {', '.join(needed)})")
-    return report
+    return Report.from_dict(data, str(path))
 
 
 def to_markdown(gate: dict) -> str:

@@ -22,6 +22,7 @@ from ticketforge.data import DataBundle, check_against_model, load_data
 from ticketforge.errors import UserError
 from ticketforge.loading import LoadedModel, load_model
 from ticketforge.recipe import Recipe
+from ticketforge.report_schema import Report
 from ticketforge.runner import Runner, seed_everything
 from ticketforge.runstate import RunState, Store, run_key
 from ticketforge.ui import UI
@@ -102,7 +103,7 @@ def load_inputs(job: Job) -> tuple[LoadedModel, DataBundle, int]:
 
 
 def compress(job: Job) -> dict | None:
-    """Run the whole job; returns the report (also written to the output folder). Under torchrun
+    """Run the whole job; returns report.json's content (also written to the output folder). Under torchrun
     every rank runs it and only rank 0 writes and returns the report (the others return None)."""
     out = Path(job.out or default_out(job.model_path, job.recipe))
     if out.exists() and not job.force and finished_key(out) is None:  # not ours: fail before any work
@@ -160,14 +161,14 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
         report = build_report(job, run, runner, classes, key)
         report_stage.write(report, tmp)
         state.finish()
-    lat = report["latency"]
-    ui.log(f"wrote {out}/: accuracy {run.dense_accuracy:.4f} -> {report['accuracy']['onnx']:.4f} (ONNX), sparsity "
-           f"{report['sparsity']['achieved']:.4f}, "
+    lat = report.latency
+    ui.log(f"wrote {out}/: accuracy {run.dense_accuracy:.4f} -> {report.accuracy['onnx']:.4f} (ONNX), sparsity "
+           f"{report.sparsity['achieved']:.4f}, "
            + ", ".join(f"{r['backend']} batch {r['batch']} {latency.describe(r)}" for r in lat))
-    failed = [c["name"] for c in report["gate"]["checks"] if not c["passed"]]
-    if report["gate"]["checks"]:
-        ui.log(f"gate: {'FAILED ' + ', '.join(failed) if failed else 'passed'} ({len(report['gate']['checks'])} checks)")
-    return report
+    failed = [c["name"] for c in report.gate["checks"] if not c["passed"]]
+    if report.gate["checks"]:
+        ui.log(f"gate: {'FAILED ' + ', '.join(failed) if failed else 'passed'} ({len(report.gate['checks'])} checks)")
+    return report.to_dict()
 
 
 def _plain(obj):
@@ -185,7 +186,7 @@ def _deployed_accuracy(run: steps.Run) -> dict:
     return out
 
 
-def build_report(job: Job, run: steps.Run, runner: Runner, classes: int, key: str) -> dict:
+def build_report(job: Job, run: steps.Run, runner: Runner, classes: int, key: str) -> Report:
     recipe, m, found, conv = job.recipe, run.measured, run.found, run.converted
     mask = conv.mask
     report = {
@@ -223,5 +224,6 @@ def build_report(job: Job, run: steps.Run, runner: Runner, classes: int, key: st
         "run": {"key": key, "processes": distributed.world_size(), "resumed_stages": runner.skipped,
                 "mask_sha256": m.get("mask_sha256")},
     }
-    report["gate"] = gate_stage.evaluate(report, dataclasses.asdict(recipe.gate))
-    return _plain(report)
+    report = Report.from_dict(_plain(report))
+    report.gate = gate_stage.evaluate(report, dataclasses.asdict(recipe.gate))
+    return report

@@ -1,4 +1,5 @@
-"""Write the report: report.json for machines, report.md for people (same numbers)."""
+"""Write the report (a ticketforge.report_schema.Report): report.json for machines, report.md and
+report.html for people (same numbers)."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,7 @@ from pathlib import Path
 
 from ticketforge import gate, report_html, sanity
 from ticketforge.latency import describe
+from ticketforge.report_schema import Report
 
 
 def _pct(x) -> str:
@@ -22,10 +24,10 @@ def _stored(storage: dict | None) -> str:
     return f", {storage['sparse_tensors']} weight tensors stored sparse"
 
 
-def _size_rows(r: dict) -> list[str]:
-    size = r.get("size")
+def _size_rows(r: Report) -> list[str]:
+    size = r.size
     if not size:  # a report of an older version
-        return [f"| model.onnx size | {r['size_mb']['dense']:.3f} MB | {r['size_mb']['compressed']:.3f} MB |"]
+        return [f"| model.onnx size | {r.size_mb['dense']:.3f} MB | {r.size_mb['compressed']:.3f} MB |"]
     d, c = size["dense"], size["compressed"]
     return [f"| size on disk | {_mb(d['bytes'])} | {_mb(c['bytes'])} ({c['bytes'] / d['bytes']:.2f} of dense)"
             f"{_stored(size.get('storage'))} |",
@@ -33,15 +35,15 @@ def _size_rows(r: dict) -> list[str]:
             f"({c['gzip_bytes'] / d['gzip_bytes']:.2f} of dense) |"]
 
 
-def _parity(r: dict) -> str:
-    if "parity_mean" not in r:
-        return f"max abs difference {r['parity']:.2e}"
-    return (f"max abs difference {r['parity']:.2e}, mean {r['parity_mean']:.2e} over {r['parity_samples']} "
+def _parity(r: Report) -> str:
+    if r.parity_mean is None:
+        return f"max abs difference {r.parity:.2e}"
+    return (f"max abs difference {r.parity:.2e}, mean {r.parity_mean:.2e} over {r.parity_samples} "
             "validation samples")
 
 
-def _latency_lines(r: dict) -> list[str]:
-    env = r.get("latency_env")
+def _latency_lines(r: Report) -> list[str]:
+    env = r.latency_env
     lines = []
     if env:
         lines += [f"Latency: ONNX Runtime {env['onnxruntime']}, {env['provider']}, {env['threads']} intra-op "
@@ -50,7 +52,7 @@ def _latency_lines(r: dict) -> list[str]:
                   f"interval contains 1.0 the data cannot tell the speed from the dense model's.", ""]
     lines += ["| backend | batch | dense ms | compressed ms (95% high) | speed-up (95% interval) | runs |",
               "|---|---:|---:|---:|---|---:|"]
-    for row in r["latency"]:
+    for row in r.latency:
         high = f" ({row['compressed_ms_ci'][1]:.3f})" if row.get("compressed_ms_ci") else ""
         capped = "" if row.get("converged", True) else " (time cap)"
         lines.append(f"| {row['backend']} | {row['batch']} | {row['dense_ms']:.3f} | {row['compressed_ms']:.3f}{high} | "
@@ -58,23 +60,23 @@ def _latency_lines(r: dict) -> list[str]:
     return lines
 
 
-def to_markdown(r: dict) -> str:
-    acc, sp = r["accuracy"], r["sparsity"]
+def to_markdown(r: Report) -> str:
+    acc, sp = r.accuracy, r.sparsity
     lines = [
-        f"# ticketforge report: {r['recipe']['name']}",
+        f"# ticketforge report: {r.recipe['name']}",
         "",
-        f"Model `{r['model']['path']}` ({r['model']['kind']}), data `{r['data']['spec']}` "
-        f"({r['data']['train']} train / {r['data']['val']} validation samples), device `{r['device']}`, "
-        f"seed {r['seed']}, ticketforge {r['ticketforge_version']}.",
+        f"Model `{r.model['path']}` ({r.model['kind']}), data `{r.data['spec']}` "
+        f"({r.data['train']} train / {r.data['val']} validation samples), device `{r.device}`, "
+        f"seed {r.seed}, ticketforge {r.ticketforge_version}.",
         "",
-        f"Search `{r['search'].get('method')}`, structure `{r['recipe']['convert']['structure']}`.",
+        f"Search `{r.search.get('method')}`, structure `{r.recipe['convert']['structure']}`.",
         "",
         "| | dense | compressed |",
         "|---|---:|---:|",
         f"| accuracy (torch) | {_pct(acc['dense'])} | {_pct(acc['compressed'])} |",
         f"| accuracy (ONNX Runtime, exported) | {_pct(acc.get('dense_onnx'))} | {_pct(acc['onnx'])} |",
-        f"| non-zero parameters | {r['params']['dense']:,} | {r['params']['compressed']:,} |",
-        f"| MACs per sample | {r['macs']['dense']:,} | {r['macs']['compressed']:,} |",
+        f"| non-zero parameters | {r.params['dense']:,} | {r.params['compressed']:,} |",
+        f"| MACs per sample | {r.macs['dense']:,} | {r.macs['compressed']:,} |",
         *_size_rows(r),
         "",
         f"Sparsity of the prunable weights in `model.onnx`: {_pct(sp['achieved'])} (target {_pct(sp['target'])}). "
@@ -82,40 +84,39 @@ def to_markdown(r: dict) -> str:
         "",
         *_latency_lines(r),
     ]
-    q = r.get("quantize")
+    q = r.quantize
     if q:
         ops = ", ".join(f"{n} {k}" for k, n in q.get("quantized_ops", {}).items())
         size = (f"{_mb(q['size']['bytes'])} on disk, {_mb(q['size']['gzip_bytes'])} gzipped"
                 f"{_stored(q.get('storage'))}" if q.get("size") else f"{q['size_mb']:.3f} MB")
         lines += ["", f"Quantized `{q['file']}` ({q['format']}{', ' + ops if ops else ''}): accuracy "
                   f"{_pct(q['accuracy'])} in ONNX Runtime, {size}."]
-    trt = r.get("tensorrt")
+    trt = r.tensorrt
     if trt:
         lines += ["", f"TensorRT `{trt['file']}` ({', '.join(trt['precisions'])}): accuracy {_pct(trt['accuracy'])}; "
                   f"layers with sparse kernels: {', '.join(trt['sparse_layers']) or 'none'}."]
-    nm = r.get("nm")
+    nm = r.nm
     if nm:
         back = nm["onnx"]
         lines += ["", f"2:4: {back['valid']:,} of {back['groups']:,} weight groups in {back['layers']} eligible layers of "
                   f"`model.onnx` satisfy {nm['pattern']} ({_pct(back['fraction_valid'])}); "
                   f"{len(nm['ineligible_layers'])} layer(s) left dense (not eligible); mask decay `{nm['decay']}`."]
-    if "gate" in r:
-        lines += ["", gate.to_markdown(r["gate"]).rstrip()]
-    rounds = r["search"].get("rounds")
+    lines += ["", gate.to_markdown(r.gate).rstrip()]
+    rounds = r.search.get("rounds")
     if rounds:  # iterative searches (IMP): one row per round
         lines += ["", "| round | sparsity | validation accuracy | seconds |", "|---:|---:|---:|---:|"]
         lines += [f"| {x['round']} | {_pct(x['sparsity'])} | {_pct(x['accuracy'])} | {x['seconds']:.1f} |"
                   for x in rounds]
-    if r.get("sanity"):
-        lines += sanity.to_markdown(r["sanity"], r["sanity"]["ticket"])
-    t = r["timings"]
+    if r.sanity:
+        lines += sanity.to_markdown(r.sanity, r.sanity["ticket"])
+    t = r.timings
     lines += ["", "Time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()), ""]
-    if r.get("notes"):
-        lines += ["Notes:", ""] + [f"- {n}" for n in r["notes"]] + [""]
+    if r.notes:
+        lines += ["Notes:", ""] + [f"- {n}" for n in r.notes] + [""]
     return "\n".join(lines)
 
 
-def write(report: dict, folder: Path) -> None:
-    (folder / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+def write(report: Report, folder: Path) -> None:
+    (folder / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=float) + "\n")
     (folder / "report.md").write_text(to_markdown(report))
     (folder / "report.html").write_text(report_html.render(report))

@@ -8,6 +8,7 @@ import io
 
 from ticketforge import gate
 from ticketforge.latency import describe
+from ticketforge.report_schema import Report
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -80,9 +81,9 @@ def _latency_plot(rows: list[dict]) -> str:
     return _png(fig)
 
 
-def render(r: dict) -> str:
-    acc, sp = r["accuracy"], r["sparsity"]
-    g = r.get("gate", {"passed": True, "checks": []})
+def render(r: Report) -> str:
+    acc, sp = r.accuracy, r.sparsity
+    g = r.gate
     if not g["checks"]:
         banner = '<div class="banner none">Gate: no thresholds set</div>'
     else:
@@ -92,11 +93,11 @@ def render(r: dict) -> str:
     summary = [
         ["accuracy (torch)", _pct(acc["dense"]), _pct(acc["compressed"])],
         ["accuracy (ONNX Runtime, exported)", _pct(acc.get("dense_onnx")), _pct(acc["onnx"])],
-        ["non-zero parameters", f"{r['params']['dense']:,}", f"{r['params']['compressed']:,}"],
-        ["MACs per sample", f"{r['macs']['dense']:,}", f"{r['macs']['compressed']:,}"],
-        ["model.onnx size", f"{r['size_mb']['dense']:.3f} MB", f"{r['size_mb']['compressed']:.3f} MB"],
-        *([["gzip size (download)", f"{r['size']['dense']['gzip_bytes'] / 2 ** 20:.3f} MB",
-            f"{r['size']['compressed']['gzip_bytes'] / 2 ** 20:.3f} MB"]] if r.get("size") else []),
+        ["non-zero parameters", f"{r.params['dense']:,}", f"{r.params['compressed']:,}"],
+        ["MACs per sample", f"{r.macs['dense']:,}", f"{r.macs['compressed']:,}"],
+        ["model.onnx size", f"{r.size_mb['dense']:.3f} MB", f"{r.size_mb['compressed']:.3f} MB"],
+        *([["gzip size (download)", f"{r.size['dense']['gzip_bytes'] / 2 ** 20:.3f} MB",
+            f"{r.size['compressed']['gzip_bytes'] / 2 ** 20:.3f} MB"]] if r.size else []),
         ["sparsity of prunable weights", "-", f"{_pct(sp['achieved'])} (target {_pct(sp['target'])})"],
     ]
     for key in ("int8", "fp16", "engine"):
@@ -104,13 +105,13 @@ def render(r: dict) -> str:
             summary.append([f"accuracy ({gate.EXPORTED[key]})", "-", _pct(acc[key])])
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>ticketforge report: "
-        f"{html.escape(r['recipe']['name'])}</title><style>{CSS}</style></head><body>",
-        f"<h1>ticketforge report: {html.escape(r['recipe']['name'])}</h1>",
-        f"<div class='meta'>model <code>{html.escape(str(r['model']['path']))}</code> ({html.escape(r['model']['kind'])}), "
-        f"data <code>{html.escape(r['data']['spec'])}</code> ({r['data']['train']} train / {r['data']['val']} validation), "
-        f"search <code>{html.escape(str(r['search'].get('method')))}</code>, structure "
-        f"<code>{html.escape(r['recipe']['convert']['structure'])}</code>, device {html.escape(r['device'])}, "
-        f"seed {r['seed']}, ticketforge {html.escape(r['ticketforge_version'])}</div>",
+        f"{html.escape(r.recipe['name'])}</title><style>{CSS}</style></head><body>",
+        f"<h1>ticketforge report: {html.escape(r.recipe['name'])}</h1>",
+        f"<div class='meta'>model <code>{html.escape(str(r.model['path']))}</code> ({html.escape(r.model['kind'])}), "
+        f"data <code>{html.escape(r.data['spec'])}</code> ({r.data['train']} train / {r.data['val']} validation), "
+        f"search <code>{html.escape(str(r.search.get('method')))}</code>, structure "
+        f"<code>{html.escape(r.recipe['convert']['structure'])}</code>, device {html.escape(r.device)}, "
+        f"seed {r.seed}, ticketforge {html.escape(r.ticketforge_version)}</div>",
         banner,
         "<h2>Summary</h2>", _table(["", "dense", "compressed"], summary),
     ]
@@ -120,14 +121,14 @@ def render(r: dict) -> str:
             [[c["name"], f"{c['threshold']:g}", f"{c['measured']:.4g}", "pass" if c["passed"] else "FAIL"]
              for c in g["checks"]],
             ["" if c["passed"] else "fail" for c in g["checks"]])]
-    if r["latency"]:
-        parts += ["<h2>Latency: dense vs compressed</h2>", _latency_plot(r["latency"]), _table(
+    if r.latency:
+        parts += ["<h2>Latency: dense vs compressed</h2>", _latency_plot(r.latency), _table(
             ["backend", "batch", "dense ms", "compressed ms", "speed-up (95% interval)", "runs"],
             [[x["backend"], x["batch"], f"{x['dense_ms']:.3f}", f"{x['compressed_ms']:.3f}", describe(x),
-              x.get("runs", "-")] for x in r["latency"]])]
+              x.get("runs", "-")] for x in r.latency])]
     if sp.get("per_layer"):
         parts += ["<h2>Per-layer sparsity</h2>", _sparsity_plot(sp["per_layer"])]
-    if r.get("notes"):
-        parts += ["<h2>Notes</h2><ul>"] + [f"<li>{html.escape(n)}</li>" for n in r["notes"]] + ["</ul>"]
+    if r.notes:
+        parts += ["<h2>Notes</h2><ul>"] + [f"<li>{html.escape(n)}</li>" for n in r.notes] + ["</ul>"]
     parts.append("</body></html>")
     return "\n".join(parts)

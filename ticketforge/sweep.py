@@ -18,6 +18,7 @@ from ticketforge import device as device_mod, distributed, recipe as recipes, st
 from ticketforge.errors import UserError
 from ticketforge.pipeline import Job, atomic_folder, compress, default_out, refuse_existing
 from ticketforge.recipe import Recipe
+from ticketforge.report_schema import Report
 from ticketforge.runstate import RunState, run_key
 from ticketforge.ui import UI
 
@@ -55,25 +56,25 @@ def pareto(points: list[tuple[float, float]]) -> list[bool]:
     return [not any(c2 <= c and a2 >= a and (c2 < c or a2 > a) for c2, a2 in points) for c, a in points]
 
 
-def row(report: dict) -> dict:
-    lat = min(report["latency"], key=lambda r: r["batch"])  # the smallest batch: interactive latency
+def row(report: Report) -> dict:
+    lat = min(report.latency, key=lambda r: r["batch"])  # the smallest batch: interactive latency
     return {
-        "sparsity": round(report["sparsity"]["achieved"], 4),
-        "accuracy": round(report["accuracy"]["onnx"], 4),
-        "accuracy_drop": round(report["accuracy"]["dense_onnx"] - report["accuracy"]["onnx"], 4),
+        "sparsity": round(report.sparsity["achieved"], 4),
+        "accuracy": round(report.accuracy["onnx"], 4),
+        "accuracy_drop": round(report.accuracy["dense_onnx"] - report.accuracy["onnx"], 4),
         "latency_ms": lat["compressed_ms"],
         "latency_batch": lat["batch"],
         "speedup": lat["speedup"],
-        "size_mb": round(report["size_mb"]["compressed"], 4),
-        "params_nonzero": report["params"]["compressed"],
+        "size_mb": round(report.size_mb["compressed"], 4),
+        "params_nonzero": report.params["compressed"],
     }
 
 
-def dense_row(report: dict) -> dict:
-    lat = min(report["latency"], key=lambda r: r["batch"])
-    return {"target": None, "sparsity": 0.0, "accuracy": round(report["accuracy"]["dense_onnx"], 4),
+def dense_row(report: Report) -> dict:
+    lat = min(report.latency, key=lambda r: r["batch"])
+    return {"target": None, "sparsity": 0.0, "accuracy": round(report.accuracy["dense_onnx"], 4),
             "accuracy_drop": 0.0, "latency_ms": lat["dense_ms"], "latency_batch": lat["batch"], "speedup": 1.0,
-            "size_mb": round(report["size_mb"]["dense"], 4), "params_nonzero": report["params"]["dense"]}
+            "size_mb": round(report.size_mb["dense"], 4), "params_nonzero": report.params["dense"]}
 
 
 def write_table(rows: list[dict], folder: Path) -> None:
@@ -151,11 +152,12 @@ def _sweep(job: Job, values: list[float], points: list[Recipe], out: Path, key: 
             point = state.dir / "points" / f"{v:g}"
             if distributed.broadcast((point / "report.json").exists()):
                 ui.log(f"skipped {name}={v:g} (finished in an earlier run)")
-                report = json.loads((point / "report.json").read_text()) if main else None
+                report = Report.from_dict(json.loads((point / "report.json").read_text())) if main else None
             else:
                 ui.log(f"sweep: {name}={v:g}")
-                report = compress(dataclasses.replace(job, recipe=recipe, out=point, force=True,
-                                                      shared=state.dir / "shared"))
+                done = compress(dataclasses.replace(job, recipe=recipe, out=point, force=True,
+                                                    shared=state.dir / "shared"))
+                report = Report.from_dict(done) if main else None
             reports.append(report)
         if not main:
             return []

@@ -1,0 +1,63 @@
+"""report.json as a type: what `compress` writes, and what report.md, report.html, the gate and the
+sweep read. One place says which sections a report has; an old or hand-edited report.json that
+lacks a required one is a clear error naming it, not a KeyError somewhere in a reader.
+
+Sections stay plain mappings (they are JSON, and their rows are what the report tables show);
+the report itself is typed, so a reader's typo is an AttributeError at once."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ticketforge.errors import UserError
+
+
+@dataclass
+class Report:
+    ticketforge_version: str
+    recipe: dict                 # the resolved recipe (Recipe.to_dict())
+    seed: int
+    device: str
+    model: dict                  # path, kind, arch, conversions_before
+    data: dict                   # spec, train, val, input_shape, classes
+    search: dict                 # the search method's summary (method, steps, rounds, ...)
+    convert: dict                # the structure's summary
+    sparsity: dict               # target, achieved (read from model.onnx), torch, per_layer
+    params: dict                 # dense / compressed non-zero parameters and weights, from the ONNX files
+    macs: dict                   # dense / compressed, from the ONNX graphs
+    size_mb: dict                # dense / compressed file sizes
+    accuracy: dict               # dense (torch), compressed (torch), onnx, dense_onnx, before_finetune, int8, ...
+    parity: float                # largest torch-vs-ONNX logit difference
+    latency: list[dict]          # one row per backend and batch, with speedup_ci
+    timings: dict                # seconds per step
+    notes: list[str] = field(default_factory=list)
+    run: dict = field(default_factory=dict)
+    gate: dict = field(default_factory=lambda: {"passed": True, "checks": []})
+    parity_mean: float | None = None
+    parity_samples: int | None = None
+    size: dict | None = None         # bytes and gzip bytes, sparse storage
+    latency_env: dict | None = None  # CPU, ONNX Runtime version, provider, threads
+    nm: dict | None = None           # 2:4 read back from model.onnx
+    sanity: dict | None = None       # the sanity-check variants
+    quantize: dict | None = None     # model.int8.onnx / model.fp16.onnx
+    tensorrt: dict | None = None     # model.engine
+    budget: dict | None = None       # a latency or size target and whether it was met
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "report") -> "Report":
+        if not isinstance(data, dict):
+            raise UserError(f"{where} is not a ticketforge report (expected a JSON object)")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        required = [n for n, f in fields.items()
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [n for n in required if n not in data]
+        if missing:
+            raise UserError(f"{where} is not a ticketforge report: it has no {', '.join(missing)}")
+        # Sections a later version adds are kept out of the type, not an error: old readers, new reports.
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+    def to_dict(self) -> dict:
+        """For report.json: the optional sections a run did not produce are left out."""
+        out = dataclasses.asdict(self)
+        return {k: v for k, v in out.items() if v is not None}
