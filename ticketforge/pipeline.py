@@ -332,11 +332,12 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
         # validate
         t = time.perf_counter()
         ui.log("validate: ONNX Runtime accuracy, parity and latency")
-        par = validate.parity(model, tmp / "model.onnx", samples)
-        if par["max"] > recipe.validate.parity_tol:
+        worst, mean = validate.parity(model, tmp / "model.onnx", samples)
+        if worst > recipe.validate.parity_tol:
             from ticketforge.errors import VerificationError
             raise VerificationError(f"model.onnx disagrees with the torch model: max abs logit difference "
-                                    f"{par['max']:.3e} > validate.parity_tol {recipe.validate.parity_tol:g}")
+                                    f"{worst:.3e} over {len(samples)} validation samples > validate.parity_tol "
+                                    f"{recipe.validate.parity_tol:g}")
         nm_section = (nm.read_back(tmp / "model.onnx", conv.info, recipe.convert.nm_decay)
                       if recipe.convert.structure == "2:4" else None)
         onnx_acc = validate.onnx_accuracy(tmp / "model.onnx", bundle.val)
@@ -390,7 +391,7 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
                      "storage": exported.get("storage")},
             "accuracy": {"dense": dense_acc, "compressed": compressed_acc, "onnx": onnx_acc,
                          "dense_onnx": dense_onnx_acc, "before_finetune": acc_before, **extra_acc},
-            "parity": par["max"], "parity_mean": par["mean"], "parity_samples": par["samples"],
+            "parity": worst, "parity_mean": mean, "parity_samples": len(samples),
             "latency": lat,
             "latency_env": latency_stage.environment("CPUExecutionProvider", timing.threads),
             "timings": {k: round(v, 3) for k, v in timings.items()},
