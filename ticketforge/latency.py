@@ -35,7 +35,7 @@ CHECK_RESAMPLES = 300  # enough to tell whether the interval is narrow yet
 FINAL_RESAMPLES = 1000  # the reported interval
 MIN_PAIRS = 3  # per session instance; below this an interval says nothing
 # Session instances per model, used in turn: the same model timed in two fresh sessions differs by
-# ~0.5% (where its buffers land in memory), more than a long run's interval at batch 1 is wide.
+# ~0.5% (where its buffers land in memory), as much as a long run's interval at batch 1 is wide.
 SESSIONS = 4
 # What no number of runs in one process shows: fresh processes timing the same two files differ by
 # up to ~1% (measured here: SD 0.3% between processes at batch 1, and a +-0.5% shift from the order
@@ -92,7 +92,7 @@ def environment(provider: str, threads: int) -> dict:
             "threads": threads, "confidence": CONFIDENCE,
             "statistic": f"{100 * QUANTILE:g}th percentile of the timed runs",
             "method": "interleaved pairs over session instances; speed-up = ratio of the percentiles; "
-                      "two-stage block bootstrap interval plus a systematic term"}
+                      "moving-block bootstrap interval plus a systematic term"}
 
 
 def session(path: str | Path, provider: str = "CPUExecutionProvider", threads: int = 1) -> ort.InferenceSession:
