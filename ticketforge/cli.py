@@ -216,10 +216,11 @@ _TIMING = recipes.ValidateConfig()  # bench's defaults are the report's
 @click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=_TIMING.max_seconds,
               show_default=True, help="time cap per batch size")
 @click.option("--ci-target", type=click.FloatRange(min=0, min_open=True), default=_TIMING.ci_target,
-              show_default=True, help="stop once the 95%% interval is within +- this fraction")
+              show_default=True, help="stop once the 95% interval is within +- this fraction")
 @click.option("--min-runs", type=click.IntRange(min=3), default=_TIMING.repeats, show_default=True,
-              help="timed runs (pairs with --compare) at least")
-@click.option("--warmup", type=click.IntRange(min=0), default=_TIMING.warmup, show_default=True)
+              help="timed runs (pairs with --compare) before the interval may stop the timing")
+@click.option("--warmup", type=click.IntRange(min=0), default=_TIMING.warmup, show_default=True,
+              help="untimed runs of each session first")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE",
               help="size of a named free input dimension, e.g. --dim sequence=128 (repeatable)")
 @click.option("--provider", default="CPUExecutionProvider", show_default=True, help="ONNX Runtime execution provider")

@@ -48,8 +48,9 @@ def _latency_lines(r: Report) -> list[str]:
     if env:
         lines += [f"Latency: ONNX Runtime {env['onnxruntime']}, {env['provider']}, {env['threads']} intra-op "
                   f"thread{'s' if env['threads'] != 1 else ''}, CPU {env['cpu']}; dense and compressed timed in "
-                  f"interleaved pairs, speed-up = median of the per-pair ratios with its 95% interval. Where the "
-                  f"interval contains 1.0 the data cannot tell the speed from the dense model's.", ""]
+                  f"interleaved pairs; times are the {env.get('statistic', 'median')}, the speed-up their ratio, "
+                  f"with its 95% interval. Where the interval contains 1.0 the data cannot tell the speed from "
+                  f"the dense model's.", ""]
     lines += ["| backend | batch | dense ms | compressed ms (95% high) | speed-up (95% interval) | runs |",
               "|---|---:|---:|---:|---|---:|"]
     for row in r.latency:
