@@ -29,7 +29,8 @@ OUT = Path(__file__).parent / "results"
 
 
 def time_search(model, loaded, bundle, device, batch, steps) -> float:
-    recipe = recipes.resolve("cts", [f"search.steps={steps}", f"search.batch_size={batch}", "search.sparsity=0.95"])
+    recipe = recipes.resolve("cts", [f"search.steps={steps}", f"search.batch_size={batch}", "search.sparsity=0.95",
+                                     "search.stop_overlap=1"])  # exactly `steps` steps: no early stop
     ctx = SearchContext(model=model, loaded=loaded, data=bundle, recipe=recipe, device=device)
     t = time.perf_counter()
     cts(ctx)

@@ -70,7 +70,10 @@ def to_markdown(r: Report) -> str:
         f"({r.data['train']} train / {r.data['val']} validation samples), device `{r.device}`, "
         f"seed {r.seed}, ticketforge {r.ticketforge_version}.",
         "",
-        f"Search `{r.search.get('method')}`, structure `{r.recipe['convert']['structure']}`.",
+        f"Search `{r.search.get('method')}`, structure `{r.recipe['convert']['structure']}`."
+        + (f" The search stopped at step {r.search['stop']['step']} of at most {r.search['max_steps']}: "
+           + ("its top-k set had converged." if r.search['stop']['reason'] == "converged" else "the cap.")
+           if r.search.get("stop") else ""),
         "",
         "| | dense | compressed |",
         "|---|---:|---:|",
