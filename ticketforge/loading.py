@@ -1,5 +1,6 @@
-"""Load the user's model safely: checkpoints and state_dicts with weights_only, TorchScript,
-and whole pickled modules only when the user says they trust the file."""
+"""Load the user's model safely: checkpoints and state_dicts with weights_only, `.safetensors`
+state_dicts, Hugging Face save_pretrained folders (ticketforge.hf), TorchScript, and whole pickled
+modules only when the user says they trust the file."""
 from __future__ import annotations
 
 import pickle
@@ -22,14 +23,22 @@ class LoadedModel:
     arch: str | None = None          # how to rebuild it (needed for rewind/init starts)
     arch_kwargs: dict = field(default_factory=dict)
     data: str | None = None          # a DATA spec the checkpoint carries
-    kind: str = "state_dict"         # state_dict | checkpoint | torchscript | pickle
+    kind: str = "state_dict"         # state_dict | safetensors | checkpoint | hf | torchscript | pickle
+    hf_config: dict | None = None    # an HF transformers model: its config, to rebuild it
+    io: dict = field(default_factory=dict)  # how its inputs and outputs were adapted (ticketforge.adapt)
 
     def fresh(self) -> nn.Module:
-        """A freshly initialised copy of the architecture."""
-        if self.arch is None:
+        """A freshly initialised copy of the architecture (adapted like the loaded model)."""
+        from ticketforge import adapt
+
+        if self.arch is None and self.hf_config is None:
             raise UserError("this search start needs to re-initialise the model: give --arch "
                             "(or a checkpoint that names its arch)")
-        return models.build(self.arch, self.arch_kwargs)
+        if self.arch is None:
+            from ticketforge import hf
+
+            return adapt.apply(hf.build(self.hf_config), self.io)
+        return adapt.apply(models.build(self.arch, self.arch_kwargs), self.io)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -73,6 +82,14 @@ def load_model(path: str | Path, arch: str | None = None, arch_kwargs: dict | No
     path = Path(path)
     if not path.exists():
         raise UserError(f"model file {path} does not exist")
+    if path.is_dir():
+        from ticketforge import hf
+
+        if not hf.is_folder(path):
+            raise UserError(f"model path {path} is a folder but not a Hugging Face save_pretrained folder "
+                            "(no config.json)")
+        model, config = hf.load_folder(path, trust_pickle)
+        return LoadedModel(model=model, arch=None, kind="hf", hf_config=config)
     if not path.is_file():
         raise UserError(f"model path {path} is not a file")
     if path.stat().st_size == 0:
@@ -83,6 +100,9 @@ def load_model(path: str | Path, arch: str | None = None, arch_kwargs: dict | No
     if magic == b"PK\x03\x04" and not zipfile.is_zipfile(path):  # torch.save's zip, cut short
         raise UserError(f"{path} is a truncated or corrupt PyTorch file: its zip archive has no end "
                         "(an interrupted download or copy?)")
+
+    if path.suffix == ".safetensors":
+        return _from_state(path, _safetensors(path), arch, arch_kwargs or {}, None, None, "safetensors")
 
     if _is_torchscript(path):
         try:
@@ -120,7 +140,7 @@ def load_model(path: str | Path, arch: str | None = None, arch_kwargs: dict | No
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a model, checkpoint or state_dict")
 
-    data_spec = spec = None
+    data_spec = spec = hf_config = None
     state = obj
     if any(k in obj for k in STATE_KEYS) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         key = next(k for k in STATE_KEYS if k in obj)
@@ -133,16 +153,45 @@ def load_model(path: str | Path, arch: str | None = None, arch_kwargs: dict | No
             arch_kwargs = obj.get("arch_kwargs") or {}
         data_spec = obj.get("data")
         spec = obj.get("spec")  # a ticketforge ticket of a shrunk model: the layer widths to rebuild
+        hf_config = obj.get("hf_config")  # a ticket of an HF transformers model
         kind = "checkpoint"
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is a dict but not a state_dict (no tensors found under "
                         f"{', '.join(STATE_KEYS)} or at the top level)")
-    if arch is None:
+    return _from_state(path, state, arch, arch_kwargs or {}, spec, hf_config, kind, data_spec)
+
+
+def _safetensors(path: Path) -> dict:
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UserError(f"{path} is a .safetensors file, which needs the safetensors package: pip install safetensors") from None
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path} is not a readable .safetensors file (corrupt or truncated?): "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if not state:
+        raise UserError(f"{path} holds no tensors")
+    return state
+
+
+def _from_state(path: Path, state: dict, arch: str | None, arch_kwargs: dict, spec: dict | None,
+                hf_config: dict | None, kind: str, data_spec: str | None = None) -> LoadedModel:
+    """Build the architecture (--arch, or the HF config a ticket carries) and load `state` into it."""
+    if arch is None and hf_config is None:
         raise UserError(f"{path} is a state_dict: say which architecture it belongs to with --arch "
                         f"(a built-in: {', '.join(sorted(models.MODELS))}, or package.module:callable)")
-    model = models.build(arch, arch_kwargs)
+    if arch is None:
+        from ticketforge import hf
+
+        model = hf.build(hf_config)
+    else:
+        model = models.build(arch, arch_kwargs)
     if spec:
         from ticketforge.structure import apply_spec  # late: structure imports torch-pruning
         apply_spec(model, spec)
-    _fit(model, state, arch)
-    return LoadedModel(model=model, arch=arch, arch_kwargs=arch_kwargs or {}, data=data_spec, kind=kind)
+    _fit(model, state, arch or type(model).__name__)
+    return LoadedModel(model=model, arch=arch, arch_kwargs=arch_kwargs, data=data_spec, kind=kind,
+                       hf_config=None if arch else hf_config)

@@ -21,7 +21,7 @@ import torch
 
 import ticketforge
 from ticketforge import convert as convert_stage, data as data_stage, device as device_mod, distributed
-from ticketforge import export as export_stage
+from ticketforge import adapt, export as export_stage, hf
 from ticketforge import finetune, gate as gate_stage, nm, quantize, report as report_stage, sanity, search, validate
 from ticketforge.data import DataBundle, check_against_model, load_data, loader
 from ticketforge.errors import UserError
@@ -153,7 +153,8 @@ def prepare(job: Job) -> tuple[LoadedModel, DataBundle, int]:
     spec = job.data or loaded.data
     if spec is None:
         raise UserError("no data: pass --data (digits, a .npz file, or package.module:callable)")
-    bundle = load_data(spec, job.val_fraction, job.seed)
+    bundle = load_data(spec, job.val_fraction, job.seed, job.recipe.data)
+    loaded.io = adapt.fit(loaded.model, bundle.inputs, bundle.example(2))
     classes = check_against_model(bundle, loaded.model)
     return loaded, bundle, classes
 
@@ -190,6 +191,11 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
     ui.log(f"loaded {job.model_path} ({loaded.kind}), data {bundle.spec}: {len(bundle.train)} train / "
            f"{len(bundle.val)} validation samples, {classes} classes; device {device}"
            + (f"; {world} processes, each batch split {world} ways" if world > 1 else ""))
+    if bundle.info.get("images"):
+        ui.log(f"image folder: {bundle.info['images']} images in {len(bundle.info['classes'])} classes, "
+               f"{bundle.info['cached']} decoded into memory ({bundle.info['cache_mb']} MiB) in {bundle.info['decode_seconds']} s")
+    if loaded.io.get("output", "tensor") != "tensor":
+        ui.log(f"model output: logits taken from {loaded.io['output']}")
     val_loader = loader(bundle.val, 256)
     dense_copy = copy.deepcopy(loaded.model).eval()
     dense = device_mod.to_device(loaded.model, device).eval()
@@ -316,12 +322,15 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
         if stages.resume("export", everyone=False) is None:
             shutil.rmtree(files, ignore_errors=True)  # a killed run's partial files
             files = state.subdir("export")
-            export_stage.export_onnx(dense_copy, example, files / "dense.onnx", recipe.export)
-            export_stage.export_onnx(model, example, files / "model.onnx", recipe.export)
+            export_stage.export_onnx(dense_copy, example, files / "dense.onnx", recipe.export, bundle.inputs)
+            export_stage.export_onnx(model, example, files / "model.onnx", recipe.export, bundle.inputs)
             save_ticket(files / "ticket.pt", model, mask, loaded, conv.spec, recipe)
+            if hf.is_model(model) and structure(model) == structure(dense_copy):
+                # unstructured and 2:4 keep every shape: the user's HF tooling reads the result as it is
+                hf.save_folder(model, files / "hf", Path(job.model_path))
             stages.finish("export", {"files": sorted(p.name for p in files.iterdir())})
         for name in state.load("export")["files"]:
-            shutil.copy2(files / name, tmp / name)
+            (shutil.copytree if (files / name).is_dir() else shutil.copy2)(files / name, tmp / name)
         timings["export"] = time.perf_counter() - t
 
         # validate
@@ -336,9 +345,11 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
                       if recipe.convert.structure == "2:4" else None)
         onnx_acc = validate.onnx_accuracy(tmp / "model.onnx", bundle.val)
         dense_onnx_acc = validate.onnx_accuracy(tmp / "dense.onnx", bundle.val)
-        stats_d, stats_c = validate.onnx_stats(tmp / "dense.onnx"), validate.onnx_stats(tmp / "model.onnx")
+        sample = example[0].numpy()
+        stats_d, stats_c = validate.onnx_stats(tmp / "dense.onnx", sample), validate.onnx_stats(tmp / "model.onnx", sample)
         lat = validate.latency(tmp / "dense.onnx", tmp / "model.onnx", bundle.input_shape,
-                               recipe.validate.latency_batches, recipe.validate.repeats, recipe.validate.warmup)
+                               recipe.validate.latency_batches, recipe.validate.repeats, recipe.validate.warmup,
+                               example=bundle.example(64).numpy())
         timings["validate"] = time.perf_counter() - t
 
         # deployment targets beyond model.onnx
@@ -369,16 +380,22 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
             "recipe": recipe.to_dict(),
             "seed": job.seed,
             "device": str(device),
-            "model": {"path": str(job.model_path), "kind": loaded.kind, "arch": loaded.arch},
+            "model": {"path": str(job.model_path), "kind": loaded.kind, "arch": loaded.arch,
+                      "output": loaded.io.get("output", "tensor"),
+                      **({"hf_class": type(dense_copy).__name__} if loaded.hf_config else {})},
             "data": {"spec": bundle.spec, "train": len(bundle.train), "val": len(bundle.val),
-                     "input_shape": list(bundle.input_shape), "classes": classes},
+                     "input_shape": list(bundle.input_shape), "inputs": bundle.inputs, "classes": classes,
+                     **({"image_folder": {k: v for k, v in bundle.info.items() if k != "classes"}}
+                        if bundle.info else {})},
             "search": found.info,
             "convert": conv.info,
             "sparsity": {"target": found.info.get("target_sparsity", recipe.search.sparsity), "achieved": stats_c["sparsity"],
                          "torch": mask.sparsity if mask is not None else 0.0, "per_layer": per_layer},
             "params": {"dense": stats_d["params_nonzero"], "compressed": stats_c["params_nonzero"],
                        "dense_weights": stats_d["weights"], "compressed_weights": stats_c["weights"]},
-            "macs": {"dense": stats_d["macs"], "compressed": stats_c["macs"]},
+            "macs": {"dense": stats_d["macs"], "compressed": stats_c["macs"],
+                     **({"unknown": stats_d["macs_unknown"] or stats_c["macs_unknown"]}
+                        if stats_d["macs"] is None or stats_c["macs"] is None else {})},
             "size_mb": {"dense": stats_d["size_mb"], "compressed": stats_c["size_mb"]},
             "accuracy": {"dense": dense_acc, "compressed": compressed_acc, "onnx": onnx_acc,
                          "dense_onnx": dense_onnx_acc, "before_finetune": acc_before, **extra_acc},
@@ -412,6 +429,7 @@ def save_ticket(path: Path, model: torch.nn.Module, mask: Mask | None, loaded: L
         "masks": mask.state_dict() if mask is not None else {},
         "arch": loaded.arch,
         "arch_kwargs": loaded.arch_kwargs,
+        "hf_config": loaded.hf_config,
         "spec": spec,
         "prunable": list(prunable(model)),
         "recipe": recipe.to_dict(),

@@ -11,6 +11,11 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
+def macs_text(value, section: dict) -> str:
+    """A MAC count, or "unknown (why)": a count that could not be made is never shown as 0."""
+    return f"{value:,}" if value is not None else f"unknown ({section.get('unknown', 'not counted')})"
+
+
 def to_markdown(r: dict) -> str:
     acc, sp = r["accuracy"], r["sparsity"]
     lines = [
@@ -27,7 +32,7 @@ def to_markdown(r: dict) -> str:
         f"| accuracy (torch) | {_pct(acc['dense'])} | {_pct(acc['compressed'])} |",
         f"| accuracy (ONNX Runtime, exported) | {_pct(acc.get('dense_onnx'))} | {_pct(acc['onnx'])} |",
         f"| non-zero parameters | {r['params']['dense']:,} | {r['params']['compressed']:,} |",
-        f"| MACs per sample | {r['macs']['dense']:,} | {r['macs']['compressed']:,} |",
+        f"| MACs per sample | {macs_text(r['macs']['dense'], r['macs'])} | {macs_text(r['macs']['compressed'], r['macs'])} |",
         f"| model.onnx size | {r['size_mb']['dense']:.3f} MB | {r['size_mb']['compressed']:.3f} MB |",
         "",
         f"Sparsity of the prunable weights in `model.onnx`: {_pct(sp['achieved'])} (target {_pct(sp['target'])}). "

@@ -29,15 +29,26 @@ def session(path: str | Path, provider: str = "CPUExecutionProvider") -> ort.Inf
                                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
 
 
+def feed(sess: ort.InferenceSession, x: np.ndarray) -> dict[str, np.ndarray]:
+    """ONNX Runtime's inputs for one batch as ticketforge holds it: float32 images or features,
+    int64 token ids, and a packed attention mask (N, 2, L) split into the graph's second input."""
+    x = np.asarray(x)
+    x = x.astype(np.int64 if x.dtype.kind in "iub" else np.float32, copy=False)
+    names = [i.name for i in sess.get_inputs()]
+    if len(names) == 2:
+        return {names[0]: np.ascontiguousarray(x[:, 0]), names[1]: np.ascontiguousarray(x[:, 1])}
+    return {names[0]: x}
+
+
 def run(sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
-    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    return sess.run(None, feed(sess, x))[0]
 
 
 def onnx_accuracy(path: str | Path, ds: Dataset, batch_size: int = 256) -> float:
     sess = session(path)
     correct = total = 0
     for x, y in loader(ds, batch_size):
-        pred = run(sess, x.numpy().astype(np.float32)).argmax(1)
+        pred = run(sess, x.numpy()).argmax(1)
         correct += int((pred == y.numpy()).sum())
         total += len(y)
     return correct / max(total, 1)
@@ -48,20 +59,22 @@ def parity(model: torch.nn.Module, path: str | Path, x: torch.Tensor) -> float:
     """Max abs difference between the torch model's logits and the ONNX model's, on the CPU."""
     model.eval()
     ref = model(x.to(next(model.parameters()).device)).float().cpu().numpy()
-    got = run(session(path), x.cpu().numpy().astype(np.float32))
+    got = run(session(path), x.cpu().numpy())
     return float(np.abs(ref - got).max())
 
 
 def latency(dense: str | Path, compressed: str | Path, sample_shape: tuple[int, ...], batches: list[int],
             repeats: int = 30, warmup: int = 5, backend: str = "onnxruntime-cpu",
-            provider: str = "CPUExecutionProvider") -> list[dict]:
+            provider: str = "CPUExecutionProvider", example: np.ndarray | None = None) -> list[dict]:
     """Median latency of both models, timed alternately in this process so that machine noise
-    hits both alike."""
+    hits both alike. Inputs are random floats, or `example`'s samples repeated to the batch size
+    (token ids must be valid ids)."""
     sd, sc = session(dense, provider), session(compressed, provider)
     rows = []
     rng = np.random.default_rng(0)
     for b in batches:
-        x = rng.random((b, *sample_shape), dtype=np.float32)
+        x = (np.resize(example, (b, *example.shape[1:])) if example is not None
+             else rng.random((b, *sample_shape), dtype=np.float32))
         td, tc = [], []
         for i in range(warmup + repeats):
             for sess, times in ((sd, td), (sc, tc)):
@@ -87,48 +100,17 @@ def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return out
 
 
-def onnx_stats(path: str | Path) -> dict:
-    """Sparsity, non-zero parameters, MACs per sample and file size, read from the ONNX file."""
+def onnx_stats(path: str | Path, sample: np.ndarray | None = None) -> dict:
+    """Sparsity, non-zero parameters, MACs per sample (ticketforge.macs; None with `macs_unknown`
+    saying why when they cannot be counted) and file size, read from the ONNX file."""
+    from ticketforge import macs
+
     model = onnx.load(str(path))
     weights = _weights(model)
     total = sum(w.size for w in weights.values())
     zeros = sum(int((w == 0).sum()) for w in weights.values())
     params = sum(int(np.count_nonzero(numpy_helper.to_array(i))) for i in model.graph.initializer)
+    count, why = macs.count(path, sample)
     return {"weights": int(total), "zero_weights": int(zeros), "sparsity": zeros / max(total, 1),
-            "params_nonzero": params, "macs": macs(model), "size_mb": Path(path).stat().st_size / 2 ** 20}
-
-
-def macs(model: onnx.ModelProto) -> int:
-    """Multiply-accumulates per sample that the graph computes (Conv, Gemm, MatMul), found by
-    shape inference at batch 1."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for inp in m.graph.input:
-        dims = inp.type.tensor_type.shape.dim
-        if dims and not dims[0].HasField("dim_value"):
-            dims[0].Clear()
-            dims[0].dim_value = 1
-    m = onnx.shape_inference.infer_shapes(m)
-    shapes = {}
-    for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output):
-        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-    for init in m.graph.initializer:
-        shapes[init.name] = list(init.dims)
-    total = 0
-    for node in m.graph.node:
-        if node.op_type not in WEIGHT_OPS or not node.output or node.output[0] not in shapes:
-            continue
-        out = shapes[node.output[0]]
-        if None in out:
-            continue
-        if node.op_type in ("Conv", "ConvTranspose"):
-            w = shapes.get(node.input[1])
-            if w:
-                total += int(np.prod(out)) * int(np.prod(w[1:]))
-        else:
-            a = shapes.get(node.input[0])
-            attrs = {at.name: onnx.helper.get_attribute_value(at) for at in node.attribute}
-            if a and a[-1] is not None:
-                k = a[-2] if node.op_type == "Gemm" and attrs.get("transA", 0) else a[-1]
-                total += int(np.prod(out)) * int(k)
-    return total
+            "params_nonzero": params, "macs": count, "macs_unknown": why,
+            "size_mb": Path(path).stat().st_size / 2 ** 20}
