@@ -94,7 +94,8 @@ def parse_kwargs(text: str | None) -> dict | None:
 @click.option("--data", help="digits, a .npz file, or package.module:callable (default: what the checkpoint says)")
 @click.option("--arch", help="built-in model name or package.module:callable")
 @click.option("--arch-kwargs", help="JSON object of keyword arguments for --arch")
-@click.option("--sparsity", type=float, help="fraction of prunable weights removed (search.sparsity)")
+@click.option("--sparsity", type=float, help="fraction of prunable weights removed (search.sparsity; "
+              "unstructured and 2:4 recipes)")
 @click.option("--epochs", type=int, help="fine-tune epochs (finetune.epochs)")
 @click.option("--set", "sets", multiple=True, metavar="KEY.PATH=VALUE", help="override any recipe key")
 @click.option("--out", type=click.Path(path_type=Path), help="output folder (default exported/<model>-<recipe>)")
@@ -138,16 +139,18 @@ _SWEEP_SHARED = ("model", "recipe_name", "data", "arch", "arch_kwargs", "epochs"
 
 
 @cli.command("sweep", params=[p for p in compress.params if p.name in _SWEEP_SHARED])
-@click.option("--sparsities", required=True, help="comma-separated target sparsities, e.g. 0.5,0.8,0.9,0.95,0.98")
+@click.option("--points", "--sparsities", "points", required=True,
+              help="comma-separated values of the structure's budget key (search.sparsity for unstructured "
+                   "recipes, search.target_macs for channels and blocks), e.g. 0.5,0.8,0.9,0.95,0.98")
 @click.option("--out", type=click.Path(path_type=Path), help="output folder (default exported/<model>-<recipe>-sweep)")
 @guarded
 def sweep_cmd(model, recipe_name, data, arch, arch_kwargs, epochs, sets, device, seed, val_fraction, trust_pickle,
-              force, quiet, debug, sparsities, out):
-    """Compress MODEL at several sparsities; write a table and a plot of accuracy vs latency and size."""
+              force, quiet, debug, points, out):
+    """Compress MODEL at several budgets; write a table and a plot of accuracy vs latency and size."""
     from ticketforge.pipeline import Job
-    from ticketforge.sweep import parse_sparsities, sweep
+    from ticketforge.sweep import parse_points, sweep
 
-    points = parse_sparsities(sparsities)
+    points = parse_points(points)
     recipe = recipes.resolve(recipe_name, list(sets), epochs=epochs)
     job = Job(model_path=model, recipe=recipe, data=data, arch=arch, arch_kwargs=parse_kwargs(arch_kwargs),
               trust_pickle=trust_pickle, device=device, seed=seed, force=force, val_fraction=val_fraction,
@@ -233,6 +236,8 @@ def list_recipes(name, debug):
     for n in recipes.builtin_names():
         r = recipes.resolve(n)
         click.echo(f"{n:<20} {r.description}")
+    for alias, n in sorted(recipes.ALIASES.items()):
+        click.echo(f"{alias:<20} the same as {n}")
 
 
 @cli.command("models")

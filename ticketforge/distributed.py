@@ -64,11 +64,6 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
-    if active():
-        dist.barrier()
-
-
 def per_rank_batch(global_batch: int) -> int:
     """The recipe's batch size is the global batch: each rank takes its share."""
     world = world_size()

@@ -1,7 +1,9 @@
 """Training loops: fine-tuning a ticket with its mask held fixed, evaluation, BatchNorm re-estimation."""
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -9,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ticketforge import device as device_mod, distributed
+from ticketforge.data import loader
 from ticketforge.errors import UserError
 from ticketforge.masks import Mask
 from ticketforge.ui import SILENT, UI
@@ -16,6 +19,76 @@ from ticketforge.ui import SILENT, UI
 
 class NonFiniteLoss(UserError):
     """Training diverged (NaN/Inf loss)."""
+
+
+@dataclass
+class Schedule:
+    """How a model is trained: `epochs` epochs of a cosine learning-rate schedule that spans
+    `total_epochs` (default `epochs`), entered at `start_epoch` (a rewound ticket continues the
+    schedule it was rewound in instead of starting a new one)."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    grad_clip: float = 0.0
+    start_epoch: int = 0
+    total_epochs: int | None = None
+
+    @classmethod
+    def finetune(cls, recipe) -> "Schedule":
+        """The recipe's `finetune` section."""
+        ft = recipe.finetune
+        return cls(epochs=ft.epochs, lr=ft.lr, batch_size=ft.batch_size, optimizer=ft.optimizer,
+                   momentum=ft.momentum, weight_decay=ft.weight_decay, grad_clip=ft.grad_clip)
+
+    @classmethod
+    def rest_of_training(cls, recipe, start_epoch: int) -> "Schedule":
+        """The recipe's `train` schedule from `start_epoch` to its end (SGD, as the papers train)."""
+        tr = recipe.train
+        return cls(epochs=tr.epochs - start_epoch, lr=tr.lr, batch_size=tr.batch_size, optimizer="sgd",
+                   momentum=tr.momentum, weight_decay=tr.weight_decay, grad_clip=recipe.finetune.grad_clip,
+                   start_epoch=start_epoch, total_epochs=tr.epochs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def train_kwargs(self) -> dict:
+        """Keyword arguments of train() (everything but the batch size, which is the loader's)."""
+        d = self.to_dict()
+        d.pop("batch_size")
+        return d
+
+
+@dataclass
+class Tuned:
+    accuracy_before: float   # validation accuracy of the ticket before training (after BN re-estimation)
+    accuracy: float          # after training
+    losses: list[float]
+
+
+def fit(model: nn.Module, mask: Mask | None, schedule: Schedule, data, device: torch.device, *, seed: int = 0,
+        bn_recalibrate: bool = True, mask_scale: Callable[[float], float] | None = None, ui: UI = SILENT,
+        desc: str = "fine-tune") -> Tuned:
+    """Fine-tune a ticket: the one training of a ticket that the pipeline, the sanity checks and the
+    benchmarks share. Apply the mask, re-estimate BatchNorm statistics for the subnetwork, then train
+    on `schedule` with the mask held (or decayed by the structure's `mask_scale`). `data` is a
+    ticketforge.data.DataBundle."""
+    train_loader = loader(data.train, schedule.batch_size, shuffle=True, seed=seed)
+    val_loader = loader(data.val, 256)
+    if mask is not None:
+        mask.apply(model)
+    if bn_recalibrate:
+        recalibrate_bn(model, train_loader, device)
+    before = evaluate(model, val_loader, device)
+    losses = []
+    if schedule.epochs:
+        losses = train(model, train_loader, device=device, mask=mask, ui=ui, desc=desc, mask_scale=mask_scale,
+                       **schedule.train_kwargs())
+    after = evaluate(model, val_loader, device) if schedule.epochs else before
+    return Tuned(accuracy_before=before, accuracy=after, losses=losses)
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float):

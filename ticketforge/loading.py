@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ticketforge import models
+from ticketforge import models, ticket
 from ticketforge.errors import UserError
 
 STATE_KEYS = ("state_dict", "model_state_dict", "model")
@@ -24,11 +24,16 @@ class LoadedModel:
     arch_kwargs: dict = field(default_factory=dict)
     data: str | None = None          # a DATA spec the checkpoint carries
     kind: str = "state_dict"         # state_dict | safetensors | checkpoint | hf | torchscript | pickle
+    # Structure conversions a ticket.pt asked for (ticketforge.ticket): replayed on a fresh model,
+    # and carried into the next ticket so that compressions chain.
+    conversions: list = field(default_factory=list)
     hf_config: dict | None = None    # an HF transformers model: its config, to rebuild it
     io: dict = field(default_factory=dict)  # how its inputs and outputs were adapted (ticketforge.adapt)
+    source: Path | None = None       # an HF folder's path: its tokenizer files go into the output's hf/
 
     def fresh(self) -> nn.Module:
-        """A freshly initialised copy of the architecture (adapted like the loaded model)."""
+        """A freshly initialised copy of the architecture (with the same conversions, adapted like
+        the loaded model)."""
         from ticketforge import adapt
 
         if self.arch is None and self.hf_config is None:
@@ -37,8 +42,10 @@ class LoadedModel:
         if self.arch is None:
             from ticketforge import hf
 
-            return adapt.apply(hf.build(self.hf_config), self.io)
-        return adapt.apply(models.build(self.arch, self.arch_kwargs), self.io)
+            model = hf.build(self.hf_config)
+        else:
+            model = models.build(self.arch, self.arch_kwargs)
+        return adapt.apply(ticket.rebuild(model, self.conversions), self.io)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -89,7 +96,7 @@ def load_model(path: str | Path, arch: str | None = None, arch_kwargs: dict | No
             raise UserError(f"model path {path} is a folder but not a Hugging Face save_pretrained folder "
                             "(no config.json)")
         model, config = hf.load_folder(path, trust_pickle)
-        return LoadedModel(model=model, arch=None, kind="hf", hf_config=config)
+        return LoadedModel(model=model, arch=None, kind="hf", hf_config=config, source=path)
     if not path.is_file():
         raise UserError(f"model path {path} is not a file")
     if path.stat().st_size == 0:
@@ -102,7 +109,7 @@ def load_model(path: str | Path, arch: str | None = None, arch_kwargs: dict | No
                         "(an interrupted download or copy?)")
 
     if path.suffix == ".safetensors":
-        return _from_state(path, _safetensors(path), arch, arch_kwargs or {}, None, None, "safetensors")
+        return _from_state(path, _safetensors(path), arch, arch_kwargs or {}, [], None, "safetensors")
 
     if _is_torchscript(path):
         try:
@@ -140,7 +147,7 @@ def load_model(path: str | Path, arch: str | None = None, arch_kwargs: dict | No
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a model, checkpoint or state_dict")
 
-    data_spec = spec = hf_config = None
+    data_spec, conversions, hf_config = None, [], None
     state = obj
     if any(k in obj for k in STATE_KEYS) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         key = next(k for k in STATE_KEYS if k in obj)
@@ -152,13 +159,13 @@ def load_model(path: str | Path, arch: str | None = None, arch_kwargs: dict | No
         if arch_kwargs is None:
             arch_kwargs = obj.get("arch_kwargs") or {}
         data_spec = obj.get("data")
-        spec = obj.get("spec")  # a ticketforge ticket of a shrunk model: the layer widths to rebuild
+        conversions = ticket.conversions_of(obj)  # a ticket of a changed architecture: how to rebuild it
         hf_config = obj.get("hf_config")  # a ticket of an HF transformers model
         kind = "checkpoint"
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is a dict but not a state_dict (no tensors found under "
                         f"{', '.join(STATE_KEYS)} or at the top level)")
-    return _from_state(path, state, arch, arch_kwargs or {}, spec, hf_config, kind, data_spec)
+    return _from_state(path, state, arch, arch_kwargs or {}, conversions, hf_config, kind, data_spec)
 
 
 def _safetensors(path: Path) -> dict:
@@ -177,9 +184,10 @@ def _safetensors(path: Path) -> dict:
     return state
 
 
-def _from_state(path: Path, state: dict, arch: str | None, arch_kwargs: dict, spec: dict | None,
+def _from_state(path: Path, state: dict, arch: str | None, arch_kwargs: dict, conversions: list,
                 hf_config: dict | None, kind: str, data_spec: str | None = None) -> LoadedModel:
-    """Build the architecture (--arch, or the HF config a ticket carries) and load `state` into it."""
+    """Build the architecture (--arch, or the HF config a ticket carries), replay a ticket's
+    conversions, and load `state` into it."""
     if arch is None and hf_config is None:
         raise UserError(f"{path} is a state_dict: say which architecture it belongs to with --arch "
                         f"(a built-in: {', '.join(sorted(models.MODELS))}, or package.module:callable)")
@@ -189,9 +197,7 @@ def _from_state(path: Path, state: dict, arch: str | None, arch_kwargs: dict, sp
         model = hf.build(hf_config)
     else:
         model = models.build(arch, arch_kwargs)
-    if spec:
-        from ticketforge.structure import apply_spec  # late: structure imports torch-pruning
-        apply_spec(model, spec)
+    ticket.rebuild(model, conversions)
     _fit(model, state, arch or type(model).__name__)
     return LoadedModel(model=model, arch=arch, arch_kwargs=arch_kwargs, data=data_spec, kind=kind,
-                       hf_config=None if arch else hf_config)
+                       conversions=conversions, hf_config=None if arch else hf_config)

@@ -1,19 +1,74 @@
-"""MACs per sample of an exported model: the one count every report gives, for every model.
+"""Multiply-accumulates, counted two ways for two purposes, both here:
 
-Read from what ONNX Runtime computes, not from static shape inference: HF models build their
-reshapes from `Shape` ops at run time (attention heads, token counts, window partitions), which
-onnx's shape inference cannot follow, so a static count silently skipped those layers (and read 0
-for whole models). Here the graph is run once on one sample with every operand of a Conv, Gemm
-or MatMul exposed as an output, and each node's MACs come from the shapes it really saw. Attention's
-activation-by-activation MatMuls (QK^T, AV) count too. When the count cannot be made, the answer
-is None with the reason, never 0."""
+- `layer_macs`: per Conv / Linear layer of a torch model, from one forward pass with hooks: the
+  cost model the channel and block searches meet a budget on.
+- `count`: per sample of an exported ONNX model, the one count every report gives, for every
+  model. It is read from what ONNX Runtime computes, not from static shape inference: HF models
+  build their reshapes from `Shape` ops at run time (attention heads, token counts, window
+  partitions), which onnx's shape inference cannot follow, so a static count silently skipped
+  those layers (and read 0 for whole models). The graph is run once on one sample with every
+  operand of a Conv, Gemm or MatMul exposed as an output, and each node's MACs come from the
+  shapes it really saw; attention's activation-by-activation MatMuls (QK^T, AV) count too. When
+  the count cannot be made, the answer is None with the reason, never 0."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
+from torch import nn
+
+CONV_LINEAR = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+@dataclass
+class LayerMacs:
+    macs: dict[str, float]   # MACs per sample of every Conv/Linear, by module name
+    widths: dict[str, int]   # input width of every Conv/Linear (channels or features)
+    outputs: set[str]        # layers whose output is the model's output
+
+    @property
+    def total(self) -> float:
+        return sum(self.macs.values())
+
+    def within(self, prefix: str) -> float:
+        """MACs of the layers inside submodule `prefix`."""
+        return sum(v for k, v in self.macs.items() if k.startswith(prefix + "."))
+
+
+@torch.no_grad()
+def layer_macs(model: nn.Module, example: torch.Tensor) -> LayerMacs:
+    macs, widths, outputs, hooks = {}, {}, {}, []
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(mod, inp, out):
+        n = names[mod]
+        per_sample = out.numel() / example.shape[0]
+        # weight[0] of a conv is (in_channels / groups) x kernel: the MACs of one output value
+        k = mod.in_features if isinstance(mod, nn.Linear) else mod.weight[0].numel()
+        macs[n] = macs.get(n, 0.0) + per_sample * k  # a module called twice costs twice
+        widths[n] = mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels
+        outputs[n] = out
+
+    for m in model.modules():
+        if isinstance(m, CONV_LINEAR):
+            hooks.append(m.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        y = model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    final = {n for n, o in outputs.items() if o is y or (o.data_ptr() == y.data_ptr() and o.shape == y.shape)}
+    return LayerMacs(macs, widths, final)
+
+
+# ---------------------------------------------------------------- the exported model
 
 OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32,

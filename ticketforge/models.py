@@ -10,15 +10,10 @@ import torch
 from torch import nn
 
 from ticketforge.errors import UserError
+from ticketforge.registry import Registry
 
-MODELS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_model(name: str):
-    def deco(fn):
-        MODELS[name] = fn
-        return fn
-    return deco
+MODELS: Registry[Callable[..., nn.Module]] = Registry("built-in model")
+register_model = MODELS.register
 
 
 def import_callable(spec: str, option: str) -> Callable:

@@ -31,7 +31,8 @@ def opt(default, help: str, *, choices=None, lo=None, hi=None, lo_open=False, hi
 
 @dataclass
 class SearchConfig:
-    method: str = opt("magnitude", "search method, by registry name (ticketforge.search.METHODS)")
+    method: str = opt("magnitude", "search method, by registry name (ticketforge.search.METHODS); each reads "
+                      "only some of the keys below, and a key it does not read is an error")
     sparsity: float = opt(0.9, "fraction of prunable weights removed", lo=0.0, hi=1.0, hi_open=True)
     target_macs: float = opt(0.5, "channels / blocks: fraction of the dense MACs kept", lo=0.0, hi=1.0, lo_open=True)
     blocks: int = opt(0, "blocks: number of residual blocks to remove (0: use target_macs)", lo=0)
@@ -242,31 +243,43 @@ def _build(cls, data: Any, prefix: str):
 
 
 def validate(data: dict) -> Recipe:
-    """Check a recipe mapping against the schema and return the resolved Recipe."""
-    from ticketforge.search import METHODS  # late: the registry imports the method modules
+    """Check a recipe mapping against the schema, the search method's keys and the structure's
+    rules, and return the resolved Recipe."""
+    from ticketforge import structures
+    from ticketforge.search import COMMON_KEYS, METHODS, RENAMED
 
-    recipe = _build(Recipe, data or {}, "")
-    if recipe.search.method not in METHODS:
-        raise UserError(f"recipe key 'search.method': unknown method {recipe.search.method!r}; "
-                        f"allowed: {', '.join(sorted(METHODS))}")
-    if (recipe.search.method == "layers") != (recipe.convert.structure == "blocks"):
-        raise UserError("recipe: search.method layers and convert.structure blocks go together "
-                        f"(got {recipe.search.method} with {recipe.convert.structure})")
-    nm_method = recipe.search.method.endswith("_2to4")
-    if nm_method != (recipe.convert.structure == "2:4"):
-        raise UserError(f"recipe: a 2:4 search method (magnitude_2to4, cts_2to4) and convert.structure '2:4' go "
-                        f"together; got search.method {recipe.search.method!r} with convert.structure "
-                        f"{recipe.convert.structure!r}")
+    data = data or {}
+    method = (data.get("search") or {}).get("method") if isinstance(data.get("search"), dict) else None
+    if isinstance(method, str) and method in RENAMED:
+        raise UserError(f"recipe key 'search.method': '{method}' is now called '{RENAMED[method]}'; rename it")
+    recipe = _build(Recipe, data, "")
+    method = METHODS.get(recipe.search.method, "recipe key 'search.method'")
+    structure = structures.get(recipe.convert.structure)
+    structure.check(recipe)
+    # A key the chosen method and structure do not read is a mistake, not a setting: say so.
+    given = data.get("search") or {}
+    used = set(COMMON_KEYS) | set(method.keys) | set(structure.budget_keys)
+    for key in given:
+        if key not in used:
+            raise UserError(f"recipe key 'search.{key}' is not used by search method '{method.name}' with "
+                            f"structure '{structure.name}' (they read: {', '.join(sorted(used))}); remove it")
+    for key in data.get("convert") or {}:
+        if key != "structure" and key not in structure.convert_keys:
+            raise UserError(f"recipe key 'convert.{key}' is not used by structure '{structure.name}'; remove it")
     if recipe.data.crop > recipe.data.resize:
         raise UserError(f"recipe keys 'data.crop' and 'data.resize': the center crop ({recipe.data.crop}) must fit in "
                         f"the resized image ({recipe.data.resize})")
-    if nm_method and recipe.search.sparsity != 0.5:
-        raise UserError(f"recipe key 'search.sparsity': 2:4 keeps 2 of every 4 weights in each eligible layer, so "
-                        f"it must be 0.5, got {recipe.search.sparsity:g}")
+    if recipe.search.start not in method.starts:
+        raise UserError(f"recipe key 'search.start': search method '{method.name}' searches the trained weights "
+                        f"only ({', '.join(method.starts)}); got '{recipe.search.start}'")
     return recipe
 
 
 # ---------------------------------------------------------------- loading and overrides
+
+# Built-in recipes known under an earlier name.
+ALIASES = {"layers": "cts-blocks"}
+
 
 def builtin_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("ticketforge.recipes").iterdir() if p.name.endswith(".yaml"))
@@ -302,6 +315,7 @@ def _read_yaml(text: str, where: str) -> dict:
 
 
 def builtin_text(name: str) -> str:
+    name = ALIASES.get(name, name)
     if name not in builtin_names():
         raise UserError(f"unknown recipe {name!r}; built-in recipes: {', '.join(builtin_names())}")
     return resources.files("ticketforge.recipes").joinpath(f"{name}.yaml").read_text()
@@ -360,17 +374,3 @@ def resolve(name_or_path: str, sets: list[str] = (), **shortcuts) -> Recipe:
         if value is not None:
             apply_override(data, paths[name], value)
     return validate(data)
-
-
-def describe(cls=Recipe, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(key, default, help) for every field, for documentation."""
-    rows = []
-    for f in dataclasses.fields(cls):
-        path = f"{prefix}.{f.name}" if prefix else f.name
-        tp = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows += describe(tp, path)
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((path, default, f.metadata.get("help", "")))
-    return rows

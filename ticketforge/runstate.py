@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,32 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def code_digest(spec: str | None) -> str | None:
+    """Digest of the source file that defines a `package.module:callable` spec (--arch, --data),
+    once the run has imported it: a user who edits their model or data code gets a new run key, so
+    stale stages are never resumed. None for anything that is not such a spec."""
+    if not isinstance(spec, str) or ":" not in spec or Path(spec).exists():
+        return None
+    name, _, attr = spec.partition(":")
+    module = sys.modules.get(name)
+    obj = module
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+    # The imported module and, where the callable comes from elsewhere (a re-export), its own module.
+    files = {getattr(m, "__file__", None) for m in (module, sys.modules.get(getattr(obj, "__module__", None) or ""))}
+    files = sorted(f for f in files if f and Path(f).is_file())
+    return hashlib.sha256("".join(file_digest(Path(f)) for f in files).encode()).hexdigest() if files else None
+
+
 def run_key(parts: dict[str, Any]) -> str:
-    """Content hash of the things that determine a run's result (files by their digest)."""
+    """Content hash of the things that determine a run's result: files by their digest, and code
+    named by `package.module:callable` by the digest of its source file."""
     resolved = {}
     for k, v in sorted(parts.items()):
         if isinstance(v, Path) or (isinstance(v, str) and Path(v).exists()):
             resolved[k] = file_digest(Path(v))
+        elif code_digest(v) is not None:
+            resolved[k] = [v, code_digest(v)]
         else:
             resolved[k] = v
     return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]

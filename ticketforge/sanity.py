@@ -14,9 +14,11 @@ import torch
 from torch import nn
 
 from ticketforge import finetune
-from ticketforge.data import DataBundle, loader
+from ticketforge.data import DataBundle
+from ticketforge.finetune import Schedule
 from ticketforge.masks import Mask, global_topk
 from ticketforge.recipe import Recipe
+from ticketforge.structures import Structure
 from ticketforge.ui import SILENT, UI
 
 VARIANTS = ("shuffled", "inverted", "reinit")
@@ -33,25 +35,6 @@ def shuffled(mask: Mask, seed: int = 0) -> Mask:
 
 def inverted(scores: dict[str, torch.Tensor], keep: int) -> Mask:
     return global_topk({k: -s.detach().float() for k, s in scores.items()}, keep)
-
-
-def retrain(model: nn.Module, mask: Mask, recipe: Recipe, over: dict, bundle: DataBundle, device: torch.device,
-            seed: int, ui: UI = SILENT, desc: str = "fine-tune") -> float:
-    """The pipeline's fine-tune stage on one ticket (same schedule, same overrides); returns the
-    validation accuracy."""
-    ft = recipe.finetune
-    data = loader(bundle.train, over.get("batch_size", ft.batch_size), shuffle=True, seed=seed)
-    mask.apply(model)
-    if ft.bn_recalibrate:
-        finetune.recalibrate_bn(model, data, device)
-    epochs = over.get("epochs", ft.epochs)
-    if epochs:
-        finetune.train(model, data, epochs=epochs, lr=over.get("lr", ft.lr), device=device,
-                       optimizer=over.get("optimizer", ft.optimizer), momentum=over.get("momentum", ft.momentum),
-                       weight_decay=over.get("weight_decay", ft.weight_decay), grad_clip=ft.grad_clip,
-                       mask=mask, ui=ui, desc=desc, start_epoch=over.get("start_epoch", 0),
-                       total_epochs=over.get("total_epochs"))
-    return finetune.evaluate(model, loader(bundle.val, 256), device)
 
 
 def variants(model: nn.Module, mask: Mask, scores: dict | None, fresh, seed: int) -> dict:
@@ -72,19 +55,21 @@ def variants(model: nn.Module, mask: Mask, scores: dict | None, fresh, seed: int
     return out, skipped
 
 
-def run(model: nn.Module, mask: Mask, scores: dict | None, fresh, recipe: Recipe, over: dict, bundle: DataBundle,
-        device: torch.device, seed: int = 0, ui: UI = SILENT) -> dict:
-    """Train every variant with the ticket's own fine-tune budget. `model` holds the weights the
-    ticket starts fine-tuning from (it is not changed)."""
+def run(model: nn.Module, mask: Mask, scores: dict | None, fresh, recipe: Recipe, schedule: Schedule,
+        structure: Structure, bundle: DataBundle, device: torch.device, seed: int = 0, ui: UI = SILENT) -> dict:
+    """Train every variant exactly as the ticket is trained (finetune.fit: the same schedule, BatchNorm
+    re-estimation and the structure's training hook). `model` holds the weights the ticket starts
+    fine-tuning from (it is not changed)."""
     built, skipped = variants(model, mask, scores, fresh, seed)
     results = {}
     for name, (net, m) in built.items():
         ui.log(f"sanity check: {name} ticket ({m.kept:,} of {m.total:,} weights kept)")
-        acc = retrain(net, m, recipe, over, bundle, device, seed, ui, desc=f"sanity: {name}")
-        results[name] = {"accuracy": acc, "kept": m.kept,
+        tuned = finetune.fit(net, m, schedule, bundle, device, seed=seed,
+                             bn_recalibrate=recipe.finetune.bn_recalibrate, mask_scale=structure.mask_scale(recipe),
+                             ui=ui, desc=f"sanity: {name}")
+        results[name] = {"accuracy": tuned.accuracy, "kept": m.kept,
                          "per_layer_density": {k: float(v.float().mean()) for k, v in m.items()}}
-    return {"variants": results, "skipped": skipped,
-            "epochs": over.get("epochs", recipe.finetune.epochs)}
+    return {"variants": results, "skipped": skipped, "epochs": schedule.epochs}
 
 
 def to_markdown(section: dict, ticket_acc: float) -> list[str]:

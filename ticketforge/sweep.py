@@ -1,8 +1,10 @@
-"""`ticketforge sweep`: one compress per target sparsity, then a table and a plot of accuracy
-against latency and size with the Pareto front marked.
+"""`ticketforge sweep`: one compress per value of the structure's budget key (search.sparsity for
+unstructured tickets, search.target_macs for channels and blocks), then a table and a plot of
+accuracy against latency and size with the Pareto front marked. Every point's recipe goes through
+the schema, like any recipe.
 
-The points share one run state: the dense baseline (and any sparsity-independent warm-up a
-search keeps in SearchContext.shared) is computed once, and a re-run skips finished points."""
+The points share one run state: the dense baseline is computed once, and a re-run skips finished
+points."""
 from __future__ import annotations
 
 import csv
@@ -12,26 +14,39 @@ import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
-from ticketforge import device as device_mod, distributed
+from ticketforge import device as device_mod, distributed, recipe as recipes, structures
 from ticketforge.errors import UserError
 from ticketforge.pipeline import Job, atomic_folder, compress, default_out, refuse_existing
+from ticketforge.recipe import Recipe
 from ticketforge.runstate import RunState, run_key
 from ticketforge.ui import UI
 
 
-def parse_sparsities(text: str) -> list[float]:
+def parse_points(text: str) -> list[float]:
+    """Comma-separated numbers; their range is the budget key's, checked by the schema per point."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise UserError(f"--sparsities {text!r}: expected numbers separated by commas, e.g. 0.5,0.8,0.9") from None
+        raise UserError(f"--points {text!r}: expected numbers separated by commas, e.g. 0.5,0.8,0.9") from None
     if not values:
-        raise UserError("--sparsities: give at least one value, e.g. 0.5,0.8,0.9")
-    bad = [v for v in values if not 0 <= v < 1]
-    if bad:
-        raise UserError(f"--sparsities: {bad[0]:g} is out of range (must be in [0, 1))")
+        raise UserError("--points: give at least one value, e.g. 0.5,0.8,0.9")
     if len(set(values)) != len(values):
-        raise UserError(f"--sparsities {text!r}: a value is repeated")
+        raise UserError(f"--points {text!r}: a value is repeated")
     return sorted(values)
+
+
+def sweep_key(recipe: Recipe) -> str:
+    structure = structures.get(recipe.convert.structure)
+    if structure.sweep_key is None:
+        raise UserError(f"sweep: structure '{structure.name}' has a fixed budget ({structure.budget(recipe)}); "
+                        "there is nothing to sweep")
+    return f"search.{structure.sweep_key}"
+
+
+def point_recipes(recipe: Recipe, values: list[float]) -> list[Recipe]:
+    """One recipe per point, each checked by the schema (a bad value is exit 2 before any work)."""
+    key = sweep_key(recipe)
+    return [recipes.with_value(recipe, key, v) for v in values]
 
 
 def pareto(points: list[tuple[float, float]]) -> list[bool]:
@@ -43,7 +58,6 @@ def pareto(points: list[tuple[float, float]]) -> list[bool]:
 def row(report: dict) -> dict:
     lat = min(report["latency"], key=lambda r: r["batch"])  # the smallest batch: interactive latency
     return {
-        "sparsity_target": report["sparsity"]["target"],
         "sparsity": round(report["sparsity"]["achieved"], 4),
         "accuracy": round(report["accuracy"]["onnx"], 4),
         "accuracy_drop": round(report["accuracy"]["dense_onnx"] - report["accuracy"]["onnx"], 4),
@@ -57,7 +71,7 @@ def row(report: dict) -> dict:
 
 def dense_row(report: dict) -> dict:
     lat = min(report["latency"], key=lambda r: r["batch"])
-    return {"sparsity_target": 0.0, "sparsity": 0.0, "accuracy": round(report["accuracy"]["dense_onnx"], 4),
+    return {"target": None, "sparsity": 0.0, "accuracy": round(report["accuracy"]["dense_onnx"], 4),
             "accuracy_drop": 0.0, "latency_ms": lat["dense_ms"], "latency_batch": lat["batch"], "speedup": 1.0,
             "size_mb": round(report["size_mb"]["dense"], 4), "params_nonzero": report["params"]["dense"]}
 
@@ -71,7 +85,8 @@ def write_table(rows: list[dict], folder: Path) -> None:
             "non-zero params", "Pareto (latency)", "Pareto (size)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append(f"| {r['point']} | {r['sparsity_target']:g} | {r['sparsity']:.4f} | {100 * r['accuracy']:.2f}% | "
+        target = "-" if r["target"] is None else format(r["target"], "g")
+        lines.append(f"| {r['point']} | {target} | {r['sparsity']:.4f} | {100 * r['accuracy']:.2f}% | "
                      f"{100 * r['accuracy_drop']:+.2f} pt | {r['latency_ms']:.4f} (batch {r['latency_batch']}) | "
                      f"{r['speedup']:.2f}x | {r['size_mb']:.3f} | {r['params_nonzero']:,} | "
                      f"{'yes' if r['pareto_latency'] else ''} | {'yes' if r['pareto_size'] else ''} |")
@@ -95,57 +110,57 @@ def write_plot(rows: list[dict], folder: Path) -> None:
             dense = r["point"] == "dense"
             ax.scatter(r[cost], r["accuracy"], marker="s" if dense else "o", s=45, zorder=3,
                        color="black" if dense else ("tab:red" if r[front] else "tab:blue"))
-            ax.annotate("dense" if dense else f"{r['sparsity_target']:g}", (r[cost], r["accuracy"]),
+            ax.annotate("dense" if dense else f"{r['target']:g}", (r[cost], r["accuracy"]),
                         textcoords="offset points", xytext=(5, 4), fontsize=8)
         ax.set_xlabel(label + (f", batch {rows[0]['latency_batch']}" if cost == "latency_ms" else ""))
         ax.set_ylabel("accuracy (ONNX Runtime)")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
-    fig.suptitle("accuracy vs latency and size (labels: target sparsity)")
+    fig.suptitle(f"accuracy vs latency and size (labels: {rows[-1]['key']})")
     fig.tight_layout()
     fig.savefig(folder / "sweep.png", dpi=120)
     plt.close(fig)
 
 
-def sweep(job: Job, sparsities: list[float], out: Path | None = None) -> list[dict]:
-    """Compress at every sparsity; writes points/<s>/ (each a full compress output), sweep.csv,
-    sweep.md and sweep.png into `out`, which appears complete or not at all."""
+def sweep(job: Job, values: list[float], out: Path | None = None) -> list[dict]:
+    """Compress at every value of the structure's budget key; writes points/<value>/ (each a full
+    compress output), sweep.csv, sweep.md and sweep.png into `out`, which appears complete or not at all."""
     out = Path(out or Path(str(default_out(job.model_path, job.recipe)) + "-sweep"))
+    points = point_recipes(job.recipe, values)
     if out.exists() and not job.force:
         refuse_existing(out)
-    recipe = dataclasses.asdict(job.recipe)
-    recipe["search"].pop("sparsity")
-    key = run_key({"recipe": recipe, "sparsities": sparsities, "seed": job.seed, "model": Path(job.model_path),
+    key = run_key({"recipe": [r.to_dict() for r in points], "seed": job.seed, "model": Path(job.model_path),
                    "arch": job.arch, "arch_kwargs": job.arch_kwargs, "data": job.data, "val_fraction": job.val_fraction})
     joined = distributed.launched() and not distributed.active()
     distributed.init(device_mod.pick(job.device))  # once for all points
     try:
-        return _sweep(job, sparsities, out, key)
+        return _sweep(job, values, points, out, key)
     finally:
         if joined:
             distributed.shutdown()
 
 
-def _sweep(job: Job, sparsities: list[float], out: Path, key: str) -> list[dict]:
+def _sweep(job: Job, values: list[float], points: list[Recipe], out: Path, key: str) -> list[dict]:
     ui = job.ui if distributed.is_main() else UI(quiet=True)
     main = distributed.is_main()
+    name = sweep_key(job.recipe)
     reports = []
     state = RunState(out, key)
     with (state if main else nullcontext()), (atomic_folder(out, job.force) if main else nullcontext()) as tmp:
-        for s in sparsities:
-            point = state.dir / "points" / f"{s:g}"
+        for v, recipe in zip(values, points):
+            point = state.dir / "points" / f"{v:g}"
             if distributed.broadcast((point / "report.json").exists()):
-                ui.log(f"skipped sparsity {s:g} (finished in an earlier run)")
+                ui.log(f"skipped {name}={v:g} (finished in an earlier run)")
                 report = json.loads((point / "report.json").read_text()) if main else None
             else:
-                ui.log(f"sweep: sparsity {s:g}")
-                r = dataclasses.replace(job.recipe, search=dataclasses.replace(job.recipe.search, sparsity=s))
-                report = compress(dataclasses.replace(job, recipe=r, out=point, force=True, shared=state.dir / "shared"))
+                ui.log(f"sweep: {name}={v:g}")
+                report = compress(dataclasses.replace(job, recipe=recipe, out=point, force=True,
+                                                      shared=state.dir / "shared"))
             reports.append(report)
         if not main:
             return []
-        rows = [{"point": "dense", **dense_row(reports[0])}] + [{"point": f"{s:g}", **row(r)}
-                                                               for s, r in zip(sparsities, reports)]
+        rows = [{"point": "dense", "key": name, **dense_row(reports[0])}]
+        rows += [{"point": f"{v:g}", "key": name, **row(r), "target": v} for v, r in zip(values, reports)]
         for cost, flag in (("latency_ms", "pareto_latency"), ("size_mb", "pareto_size")):
             for r, on in zip(rows, pareto([(r[cost], r["accuracy"]) for r in rows])):
                 r[flag] = on
@@ -154,6 +169,6 @@ def _sweep(job: Job, sparsities: list[float], out: Path, key: str) -> list[dict]
         write_plot(rows, tmp)
         state.finish()
     best = [r["point"] for r in rows if r["pareto_latency"]]
-    ui.log(f"wrote {out}/: {len(sparsities)} points, sweep.csv, sweep.md, sweep.png; Pareto front (latency): "
+    ui.log(f"wrote {out}/: {len(values)} points, sweep.csv, sweep.md, sweep.png; Pareto front (latency): "
            + ", ".join(best))
     return rows

@@ -9,8 +9,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class UI:
-    def __init__(self, quiet: bool = False, enabled: bool = True):
-        self.quiet = quiet or not enabled
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
         self.console = Console(stderr=True, highlight=False)
 
     def log(self, msg: str) -> None:

@@ -55,12 +55,13 @@ def onnx_accuracy(path: str | Path, ds: Dataset, batch_size: int = 256) -> float
 
 
 @torch.no_grad()
-def parity(model: torch.nn.Module, path: str | Path, x: torch.Tensor) -> float:
-    """Max abs difference between the torch model's logits and the ONNX model's, on the CPU."""
+def parity(model: torch.nn.Module, path: str | Path, x: torch.Tensor) -> tuple[float, float]:
+    """Largest and mean abs difference between the torch model's logits and the ONNX model's, on the CPU."""
     model.eval()
     ref = model(x.to(next(model.parameters()).device)).float().cpu().numpy()
     got = run(session(path), x.cpu().numpy())
-    return float(np.abs(ref - got).max())
+    diff = np.abs(ref - got)
+    return float(diff.max()), float(diff.mean())
 
 
 def latency(dense: str | Path, compressed: str | Path, sample_shape: tuple[int, ...], batches: list[int],

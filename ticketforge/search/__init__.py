@@ -1,68 +1,64 @@
-"""Ticket search methods, registered by name. A method takes a SearchContext and returns a
-SearchResult: the mask it chose (and possibly a changed model, e.g. blocks removed)."""
+"""Ticket search methods, registered by name, and what each reads from the recipe.
+
+This module is light on purpose (no torch): the recipe schema checks a recipe against the
+catalogue below before any work, so `ticketforge recipes` and bad input stay cheap. The methods
+themselves live in the modules named here and are imported when a search runs. A method takes a
+SearchContext and returns a SearchResult (ticketforge.search.base)."""
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass
 
-import torch
-from torch import nn
+from ticketforge.registry import Registry
 
-from ticketforge.data import DataBundle, loader
-from ticketforge.loading import LoadedModel
-from ticketforge.masks import Mask
-from ticketforge.recipe import Recipe
-from ticketforge.ui import SILENT, UI
+# Keys of the `search` section every method reads; the structure's budget keys come on top
+# (ticketforge.structures).
+COMMON_KEYS = ("method", "start", "sanity")
+CTS_KEYS = ("epochs", "steps", "lr", "batch_size", "objective", "temperature", "balance", "budget_slack")
+ALL_STARTS = ("trained", "rewind", "init")
 
 
-@dataclass
-class SearchContext:
-    model: nn.Module            # the trained model, on `device`, in eval mode; a method may change it
-    loaded: LoadedModel         # loaded.fresh() rebuilds the architecture at a new init
-    data: DataBundle
-    recipe: Recipe
-    device: torch.device
-    seed: int = 0
-    ui: UI = SILENT
-    workdir: Path | None = None  # where a long method keeps per-step results to resume from
-    # Where to keep results that do not depend on the target sparsity (e.g. warm-up weights), so
-    # that a sweep's points share them (rank 0 only). Under torchrun every rank reads workdir
-    # (a shared file system) and only rank 0 writes (ticketforge.distributed.is_main()).
-    shared: Path | None = None
+@dataclass(frozen=True)
+class Method:
+    name: str
+    target: str                    # "module:function" under ticketforge.search
+    keys: tuple[str, ...] = ()     # `search` keys it reads beyond COMMON_KEYS and the budget
+    starts: tuple[str, ...] = ALL_STARTS  # search.start values it honours
+    summary: str = ""
 
-    def train_loader(self, batch_size: int | None = None, shuffle: bool = True):
-        return loader(self.data.train, batch_size or self.recipe.search.batch_size, shuffle=shuffle,
-                      seed=self.seed)
+    def load(self):
+        module, _, fn = self.target.partition(":")
+        return getattr(importlib.import_module(f"ticketforge.search.{module}"), fn)
 
 
-@dataclass
-class SearchResult:
-    model: nn.Module
-    mask: Mask | None
-    info: dict = field(default_factory=dict)   # goes into the report under "search"
-    # The per-weight scores the mask was chosen from (higher = keep): sanity checks and 2:4
-    # selection reuse them.
-    scores: dict | None = None
-    # Overrides of the fine-tune stage, e.g. rewind starts retrain for the rest of the schedule.
-    finetune: dict = field(default_factory=dict)
+METHODS: Registry[Method] = Registry("search method")
+for _m in (
+    Method("magnitude", "magnitude:magnitude", summary="global magnitude"),
+    Method("random", "baselines:random_pruning", summary="uniformly random weights"),
+    Method("snip", "baselines:snip", ("batch_size",), summary="SNIP connection sensitivity"),
+    Method("grasp", "baselines:grasp", ("batch_size",), summary="GraSP gradient flow"),
+    Method("synflow", "baselines:synflow", ("synflow_rounds",), summary="SynFlow, data-free"),
+    Method("cts", "cts:cts", CTS_KEYS, summary="Concrete Ticket Search"),
+    Method("imp", "imp:imp", ("epochs", "steps", "prune_fraction"), summary="iterative magnitude pruning"),
+    # Methods that search a structure directly. They search the trained weights only: a rewound or
+    # fresh start would need the structure's own retraining schedule, which they do not have.
+    Method("magnitude-2to4", "nm_methods:magnitude_2to4", starts=("trained",),
+           summary="2 largest |w| of every 4 (apex ASP)"),
+    Method("cts-2to4", "nm_methods:cts_2to4", CTS_KEYS, starts=("trained",), summary="CTS, then 2 of every 4"),
+    Method("magnitude-channels", "channel_methods:magnitude_channels", starts=("trained",),
+           summary="L1 norm per channel group"),
+    Method("cts-channels", "channel_methods:cts_channels", CTS_KEYS, starts=("trained",),
+           summary="CTS gates per channel"),
+    Method("cts-blocks", "block_methods:cts_blocks", CTS_KEYS, starts=("trained",),
+           summary="CTS gates per residual block"),
+):
+    METHODS.add(_m.name, _m)
+
+# Names used before the methods were named like their recipes: a one-line message says what to write.
+RENAMED = {"magnitude_2to4": "magnitude-2to4", "cts_2to4": "cts-2to4", "magnitude_channels": "magnitude-channels",
+           "cts_channels": "cts-channels", "layers": "cts-blocks"}
 
 
-METHODS: dict[str, Callable[[SearchContext], SearchResult]] = {}
-
-
-def register(name: str):
-    def deco(fn):
-        METHODS[name] = fn
-        return fn
-    return deco
-
-
-def run(ctx: SearchContext) -> SearchResult:
-    return METHODS[ctx.recipe.search.method](ctx)
-
-
-# Importing the method modules fills the registry.
-for _module in ("magnitude", "cts", "baselines", "imp", "layers", "nm", "channels"):
-    importlib.import_module(f"ticketforge.search.{_module}")
+def run(ctx):
+    """Run the recipe's search method on `ctx` (a SearchContext)."""
+    return METHODS.get(ctx.recipe.search.method).load()(ctx)

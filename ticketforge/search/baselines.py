@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ticketforge.masks import global_topk, keep_count, prunable
-from ticketforge.search import SearchContext, SearchResult, register
+from ticketforge.search.base import SearchContext, SearchResult
 from ticketforge.search.cts import bn_batch_stats
 from ticketforge.search.start import starting_point
 
@@ -33,10 +33,9 @@ def _finish(ctx: SearchContext, start, scores: dict[str, torch.Tensor], name: st
     total = sum(s.numel() for s in scores.values())
     mask = global_topk(scores, keep_count(total, ctx.recipe.search.sparsity))
     return SearchResult(model=start.model, mask=mask, info={"method": name, **info, **start.info},
-                        scores=scores, finetune=start.finetune)
+                        scores=scores, schedule=start.schedule)
 
 
-@register("random")
 def random_pruning(ctx: SearchContext) -> SearchResult:
     """Uniformly random weights kept: every layer ends at (about) the same density."""
     start = starting_point(ctx)
@@ -45,7 +44,6 @@ def random_pruning(ctx: SearchContext) -> SearchResult:
     return _finish(ctx, start, scores, "random")
 
 
-@register("snip")
 def snip(ctx: SearchContext) -> SearchResult:
     """SNIP (Lee et al. 2019): connection sensitivity |w * dL/dw|, summed over a few mini-batches."""
     start = starting_point(ctx)
@@ -62,7 +60,6 @@ def snip(ctx: SearchContext) -> SearchResult:
     return _finish(ctx, start, scores, "snip", batches=SCORE_BATCHES)
 
 
-@register("grasp")
 def grasp(ctx: SearchContext) -> SearchResult:
     """GraSP (Wang et al. 2020): score = -w * (H g); the highest scores are removed, i.e. we keep
     the top-k of w * (H g), which preserves (or increases) the gradient flow g^T g."""
@@ -98,7 +95,6 @@ def _linearize(model: nn.Module) -> dict[str, torch.Tensor]:
     return signs
 
 
-@register("synflow")
 def synflow(ctx: SearchContext) -> SearchResult:
     """SynFlow (Tanaka et al. 2020): data-free. On |W| (every parameter and buffer made positive,
     as the authors' code does, BatchNorm in eval mode) and an all-ones input, R = 1^T f(1);

@@ -21,7 +21,7 @@ from torch.func import functional_call
 
 from ticketforge.errors import UserError
 from ticketforge.masks import global_topk, keep_count, prunable
-from ticketforge.search import SearchContext, SearchResult, register
+from ticketforge.search.base import SearchContext, SearchResult
 from ticketforge.search.start import starting_point
 
 # The paper scales each objective so its gradient is comparable to the sparsity gradient.
@@ -202,7 +202,6 @@ def weight_logits(model: nn.Module, density: float) -> dict[str, torch.Tensor]:
     return {n: torch.full_like(w, init, dtype=torch.float32) for n, w in prunable(model).items()}
 
 
-@register("cts")
 def cts(ctx: SearchContext) -> SearchResult:
     if isinstance(ctx.model, torch.jit.ScriptModule):
         raise UserError("CTS needs an eager nn.Module (it substitutes masked weights in the forward); "
@@ -222,4 +221,4 @@ def cts(ctx: SearchContext) -> SearchResult:
     trained, info = concrete_search(ctx, logits, costs, float(keep), overrides)
     mask = global_topk(trained, keep)
     info.update({"method": "cts", "kept": mask.kept, "total": total, **start.info})
-    return SearchResult(model=ctx.model, mask=mask, info=info, scores=trained, finetune=start.finetune)
+    return SearchResult(model=ctx.model, mask=mask, info=info, scores=trained, schedule=start.schedule)

@@ -16,6 +16,7 @@ early when its output exists. A round's randomness (data order, any dropout) is 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import time
@@ -24,10 +25,11 @@ from pathlib import Path
 import torch
 
 from ticketforge import distributed, finetune
+from ticketforge.finetune import Schedule
 from ticketforge.data import loader
 from ticketforge.errors import UserError
 from ticketforge.masks import Mask, global_topk, keep_count, prunable
-from ticketforge.search import SearchContext, SearchResult, register
+from ticketforge.search.base import SearchContext, SearchResult
 from ticketforge.search import start as start_mod
 
 
@@ -75,20 +77,14 @@ def _load(path: Path) -> dict:
 class _Trainer:
     """How one round (and, for rewind/init, the dense run) trains."""
 
-    def __init__(self, ctx: SearchContext, schedule_over: dict):
+    def __init__(self, ctx: SearchContext, schedule: Schedule | None):
         self.ctx = ctx
-        ft = ctx.recipe.finetune
-        cfg = ctx.recipe.search
-        if schedule_over:   # rewind / init: the rest of the `train` schedule
-            self.kw = {k: schedule_over[k] for k in ("epochs", "lr", "start_epoch", "total_epochs", "optimizer",
-                                                      "momentum", "weight_decay")}
-            self.batch_size = schedule_over.get("batch_size", ft.batch_size)
-        else:               # learning-rate rewinding: a fresh schedule of search.epochs each round
-            epochs = max(1, int(round(cfg.epochs)))
-            self.kw = {"epochs": epochs, "lr": ft.lr, "start_epoch": 0, "total_epochs": epochs,
-                       "optimizer": ft.optimizer, "momentum": ft.momentum, "weight_decay": ft.weight_decay}
-            self.batch_size = ft.batch_size
-        self.kw["grad_clip"] = ft.grad_clip
+        if schedule is None:  # a fresh schedule of search.epochs each round, at the fine-tune's lr
+            epochs = max(1, int(round(ctx.recipe.search.epochs)))
+            schedule = dataclasses.replace(Schedule.finetune(ctx.recipe), epochs=epochs)
+        self.schedule = schedule
+        self.kw = schedule.train_kwargs()
+        self.batch_size = schedule.batch_size
 
     def __call__(self, model, mask: Mask | None, r: int, desc: str) -> float:
         ctx = self.ctx
@@ -99,7 +95,6 @@ class _Trainer:
         return finetune.evaluate(model, loader(ctx.data.val, 256), ctx.device)
 
 
-@register("imp")
 def imp(ctx: SearchContext) -> SearchResult:
     if isinstance(ctx.model, torch.jit.ScriptModule):
         raise UserError("IMP retrains the model between rounds, which needs an eager nn.Module: "
@@ -127,11 +122,11 @@ def imp(ctx: SearchContext) -> SearchResult:
             saved = _load(dense_file)
             model = start_mod.fresh_model(ctx)
             model.load_state_dict(saved["trained"])
-            train_round = _Trainer(ctx, start_mod.schedule(ctx, start_mod.rewind_epochs(ctx) if cfg.start == "rewind" else 0))
+            train_round = _Trainer(ctx, Schedule.rest_of_training(ctx.recipe, start_mod.rewind_epochs(ctx) if cfg.start == "rewind" else 0))
             ctx.ui.log("resuming: the dense training is already done, skipped")
         else:
             sp = start_mod.starting_point(ctx)
-            model, train_round = sp.model, _Trainer(ctx, sp.finetune)
+            model, train_round = sp.model, _Trainer(ctx, sp.schedule)
             saved = {"start": copy.deepcopy(model.state_dict()), "info": sp.info}
             t = time.perf_counter()
             acc = train_round(model, None, 0, "IMP dense training")
@@ -174,4 +169,4 @@ def imp(ctx: SearchContext) -> SearchResult:
     scores = {n: w.detach().abs() for n, w in prunable(model).items()}
     # A rewound ticket has already been retrained for the whole schedule: no second fine-tune.
     return SearchResult(model=model, mask=mask, info=info, scores=scores,
-                        finetune={"epochs": 0} if rewinding else {})
+                        schedule=dataclasses.replace(train_round.schedule, epochs=0) if rewinding else None)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ticketforge.masks import global_topk, keep_count, prunable
-from ticketforge.search import SearchContext, SearchResult, register
+from ticketforge.search.base import SearchContext, SearchResult
 from ticketforge.search.start import starting_point
 
 
@@ -10,11 +10,10 @@ def magnitude_scores(model):
     return {k: w.detach().abs() for k, w in prunable(model).items()}
 
 
-@register("magnitude")
 def magnitude(ctx: SearchContext) -> SearchResult:
     start = starting_point(ctx)
     scores = magnitude_scores(start.model)
     total = sum(s.numel() for s in scores.values())
     mask = global_topk(scores, keep_count(total, ctx.recipe.search.sparsity))
     return SearchResult(model=start.model, mask=mask, info={"method": "magnitude", "scope": "global", **start.info},
-                        scores=scores, finetune=start.finetune)
+                        scores=scores, schedule=start.schedule)

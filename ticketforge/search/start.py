@@ -18,13 +18,14 @@ from torch import nn
 from ticketforge import finetune
 from ticketforge.data import loader
 from ticketforge.errors import UserError
-from ticketforge.search import SearchContext
+from ticketforge.finetune import Schedule
+from ticketforge.search.base import SearchContext
 
 
 @dataclass
 class StartPoint:
     model: nn.Module          # the weights the search runs on, on ctx.device, in eval mode
-    finetune: dict = field(default_factory=dict)  # overrides of the fine-tune stage (SearchResult.finetune)
+    schedule: Schedule | None = None  # how the ticket is trained next (SearchResult.schedule); None: `finetune`
     info: dict = field(default_factory=dict)      # for the report (search.start)
 
 
@@ -40,14 +41,6 @@ def fresh_model(ctx: SearchContext, seed: int | None = None) -> nn.Module:
     return model.to(ctx.device).eval()
 
 
-def schedule(ctx: SearchContext, start_epoch: int) -> dict:
-    """Fine-tune overrides that run the `train` schedule from `start_epoch` to its end."""
-    tr = ctx.recipe.train
-    return {"epochs": tr.epochs - start_epoch, "lr": tr.lr, "start_epoch": start_epoch,
-            "total_epochs": tr.epochs, "optimizer": "sgd", "momentum": tr.momentum,
-            "weight_decay": tr.weight_decay, "batch_size": tr.batch_size}
-
-
 def rewind_epochs(ctx: SearchContext) -> int:
     tr = ctx.recipe.train
     k = int(round(tr.rewind_epochs))
@@ -60,13 +53,13 @@ def rewind_epochs(ctx: SearchContext) -> int:
 def starting_point(ctx: SearchContext) -> StartPoint:
     start = ctx.recipe.search.start
     if start == "trained":
-        return StartPoint(model=ctx.model, finetune={}, info={"start": "trained"})
+        return StartPoint(model=ctx.model, info={"start": "trained"})
     if ctx.loaded.arch is None:
         raise UserError(f"search.start={start} needs to re-initialise the model: pass --arch "
                         "(a built-in name or package.module:callable)")
     model = fresh_model(ctx)
     if start == "init":
-        return StartPoint(model=model, finetune=schedule(ctx, 0),
+        return StartPoint(model=model, schedule=Schedule.rest_of_training(ctx.recipe, 0),
                           info={"start": "init", "train_epochs": ctx.recipe.train.epochs})
     tr = ctx.recipe.train
     k = rewind_epochs(ctx)
@@ -79,4 +72,4 @@ def starting_point(ctx: SearchContext) -> StartPoint:
                        momentum=tr.momentum, weight_decay=tr.weight_decay, total_epochs=tr.epochs,
                        grad_clip=ctx.recipe.finetune.grad_clip, ui=ctx.ui, desc=f"rewind: train {k} of {tr.epochs} epochs")
     model.eval()
-    return StartPoint(model=model, finetune=schedule(ctx, k), info=info)
+    return StartPoint(model=model, schedule=Schedule.rest_of_training(ctx.recipe, k), info=info)

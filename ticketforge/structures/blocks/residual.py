@@ -1,32 +1,22 @@
-"""Layer pruning: remove whole residual blocks ("When Layers Play the Lottery", Jordao et al. 2023).
+"""Residual blocks, found and removed ("When Layers Play the Lottery", Jordao et al. 2023).
 
 Which blocks can go. A block is a submodule whose forward adds its own input to a branch computed
 from that input: out = post(x + f(x)), e.g. relu(x + f(x)) (ResNet basic block) or x + f(x)
 (MobileNetV2 inverted residual); a transformer block, x' = x + a(x); x' + m(x'), is one too
-(zeroing a leaves x' = x, so the second add adds the input again). Found generically with torch.fx, not by class: each submodule is
-traced on its own and its graph searched for an add with one operand the module's input (directly
-or through nn.Identity) and the other depending on it. Downsampling blocks (shortcut conv) do not
-qualify: their shortcut is not the input.
+(zeroing a leaves x' = x, so the second add adds the input again). Found generically with torch.fx,
+not by class: each submodule is traced on its own and its graph searched for an add with one
+operand the module's input (directly or through nn.Identity) and the other depending on it.
+Downsampling blocks (shortcut conv) do not qualify: their shortcut is not the input.
 
 What removing means. The branch is set to zero, exactly: what is left computes post(x), e.g.
 relu(x), with every op of the branch gone (the traced graph with the add replaced by its identity
-operand, dead code eliminated, repeated while weights remain). A block qualifies only if nothing with weights survives that.
-Nested candidates are reduced to the innermost one.
+operand, dead code eliminated, repeated while weights remain). A block qualifies only if nothing
+with weights survives that. Nested candidates are reduced to the innermost one.
 
-Which blocks go. One Binary Concrete gate per block scales its residual branch, x + g f(x); the
-weights are frozen and the gates are trained with the CTS objective (the network's outputs stay
-close to the dense network's) and GRADBALANCE on a MAC budget, cost = the block's MACs
-(search/cts.py). The trained gate logit is the block's score: the paper aggregates a
-data-driven score per block and leaves the aggregation open; a gate over the whole block measures
-directly what the network loses without that block, together with the other blocks' gates,
-instead of summing per-weight saliencies that say nothing about the block as a unit. Blocks are
-removed lowest score first until the budget holds: `search.blocks` blocks, or else the MACs fall
-to `search.target_macs` of the dense model; at least one block always goes."""
+Which blocks go is the search's (ticketforge.search.block_methods); `choose` turns its scores into
+the removed set under the budget."""
 from __future__ import annotations
 
-import copy
-import dataclasses
-import math
 import operator
 
 import torch
@@ -34,11 +24,9 @@ from torch import fx, nn
 
 from ticketforge.errors import UserError
 from ticketforge.masks import PRUNABLE_TYPES
-from ticketforge.search import SearchContext, SearchResult, register
-from ticketforge.search.cts import concrete_search
 
 _ADDS = {operator.add, operator.iadd, torch.add}
-_GATE = "gate"
+GATE = "gate"  # the buffer a gated block scales its branches by
 
 
 class RemovedBlock(nn.Module):
@@ -135,12 +123,12 @@ def gated_version(module: nn.Module) -> fx.GraphModule:
     with `gate` a buffer: 1 is the block as it is, 0 the block removed."""
     _, adds = _zero_branches(module)
     gm = _trace(module)
-    gm.register_buffer(_GATE, torch.ones((), device=next(module.parameters()).device))
+    gm.register_buffer(GATE, torch.ones((), device=next(module.parameters()).device))
     nodes = {n.name: n for n in gm.graph.nodes}
     for name, i in adds:
         add = nodes[name]
         with gm.graph.inserting_before(add):
-            scaled = gm.graph.call_function(operator.mul, (add.args[1 - i], gm.graph.get_attr(_GATE)))
+            scaled = gm.graph.call_function(operator.mul, (add.args[1 - i], gm.graph.get_attr(GATE)))
         args = list(add.args)
         args[1 - i] = scaled
         add.args = tuple(args)
@@ -172,28 +160,6 @@ def remove_blocks(model: nn.Module, names: list[str]) -> nn.Module:
     return model
 
 
-@torch.no_grad()
-def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
-    """Multiply-accumulates per sample of every Conv and Linear layer, by name, from one forward."""
-    out, hooks = {}, []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.modules.conv._ConvNd):
-            def hook(m, inp, y, name=name):
-                out[name] = y[0].numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
-        elif isinstance(mod, nn.Linear):
-            def hook(m, inp, y, name=name):
-                out[name] = y[0].numel() * m.in_features
-        else:
-            continue
-        hooks.append(mod.register_forward_hook(hook))
-    try:
-        model.eval()(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return out
-
-
 def choose(scores: dict[str, float], macs: dict[str, int], total_macs: int, blocks: int, target: float) -> list[str]:
     """Lowest score first: `blocks` of them, or until the MACs kept are at most `target` x total
     (at least one)."""
@@ -207,52 +173,3 @@ def choose(scores: dict[str, float], macs: dict[str, int], total_macs: int, bloc
         chosen.append(n)
         kept -= macs[n]
     return chosen
-
-
-@register("layers")
-def layers(ctx: SearchContext) -> SearchResult:
-    cfg = ctx.recipe.search
-    names = removable_blocks(ctx.model)
-    if not names:
-        raise UserError("layer pruning: the model has no removable residual block (a submodule computing "
-                        "x + f(x) or act(x + f(x)) on its own input); use a channel or unstructured recipe")
-    if cfg.blocks > len(names):
-        raise UserError(f"search.blocks={cfg.blocks}, but the model has only {len(names)} removable blocks "
-                        f"({', '.join(names)})")
-    per_layer = layer_macs(ctx.model, ctx.data.example(2).to(ctx.device))
-    total = sum(per_layer.values())
-    macs = {n: sum(v for k, v in per_layer.items() if k.startswith(n + ".")) for n in names}
-    ctx.ui.log(f"layer pruning: {len(names)} removable blocks: "
-               + ", ".join(f"{n} ({macs[n] / total:.1%} of MACs)" for n in names))
-
-    # Search: one gate per block on a copy whose blocks scale their branch by the gate.
-    gated = copy.deepcopy(ctx.model)
-    for n in names:
-        gated.set_submodule(n, gated_version(gated.get_submodule(n)))
-    keys = {n: f"{n}.{_GATE}" for n in names}
-    if cfg.blocks:
-        costs = {keys[n]: torch.ones(()) for n in names}
-        kept_cost = float(len(names) - cfg.blocks)
-    else:
-        costs = {keys[n]: torch.tensor(float(macs[n])) for n in names}
-        kept_cost = max(0.0, cfg.target_macs * total - (total - sum(macs.values())))
-    density = min(max(kept_cost / float(sum(c for c in costs.values())), 0.05), 0.95)
-    logits = {k: torch.full((), math.log(density / (1 - density))) for k in costs}
-    trained, info = concrete_search(dataclasses.replace(ctx, model=gated), logits, costs, max(kept_cost, 1.0),
-                                    overrides=lambda soft: soft, desc="search (block gates)")
-    scores = {n: float(trained[keys[n]]) for n in names}
-
-    chosen = choose(scores, macs, total, cfg.blocks, cfg.target_macs)
-    model = remove_blocks(ctx.model, chosen)
-    kept = total - sum(macs[n] for n in chosen)
-    info.update({"method": "layers", "candidates": names, "removed": chosen,
-                 "scores": scores, "block_macs": macs, "macs_kept_fraction": kept / total,
-                 "budget": f"{cfg.blocks} blocks" if cfg.blocks else f"target_macs {cfg.target_macs:g}"})
-    notes = [f"layer pruning removed {len(chosen)} of {len(names)} residual blocks ({', '.join(chosen)}); "
-             f"{kept / total:.1%} of the MACs kept"]
-    if not cfg.blocks and kept > cfg.target_macs * total:
-        notes.append(f"search.target_macs={cfg.target_macs:g} is below what removing every removable block "
-                     f"reaches ({kept / total:.1%})")
-    info["notes"] = notes
-    ctx.ui.log(notes[0])
-    return SearchResult(model=model, mask=None, info=info)

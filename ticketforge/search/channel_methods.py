@@ -1,13 +1,13 @@
 """Channel-level search: one choice per group of coupled channels, under a budget of MACs kept
-(`search.target_macs`), with kept counts rounded to `convert.round_to` (see ticketforge.structure).
+(`search.target_macs`), with kept counts rounded to `convert.round_to` (ticketforge.structures.channels).
 
-cts_channels: CTS with one Binary Concrete gate per channel of each group. A gate scales the
+cts-channels: CTS with one Binary Concrete gate per channel of each group. A gate scales the
 channel after its normalisation (BatchNorm's affine, or the producer's weight and bias when the
 group has no norm): before a BatchNorm that normalises by batch statistics a gate would be divided
 out again. Each gate costs the MACs one channel of its group adds at the uniform solution, and
 the budget is the tangent plane of the exact (bilinear) MAC count there, so GRADBALANCE steers
 towards target_macs x dense.
-magnitude_channels: the L1 norm of each channel's producer weights (the classic filter-pruning
+magnitude-channels: the L1 norm of each channel's producer weights (the classic filter-pruning
 baseline), with the removed channels' BatchNorm shift folded into their consumers."""
 from __future__ import annotations
 
@@ -15,13 +15,11 @@ import math
 
 import torch
 
-from ticketforge import structure
-from ticketforge.search import SearchContext, SearchResult, register
+from ticketforge.search.base import SearchContext, SearchResult
 from ticketforge.search.cts import concrete_search
-
-
-def _example(ctx: SearchContext) -> torch.Tensor:
-    return ctx.data.example(8).to(ctx.device)
+from ticketforge.structures.channels.graph import discover
+from ticketforge.structures.channels.select import l1_scores, select
+from ticketforge.structures.channels.surgery import channel_mask, fold_shifts
 
 
 def _gate_targets(model, plan) -> list[list[tuple[str, torch.Tensor, torch.Tensor]]]:
@@ -40,11 +38,10 @@ def _gate_targets(model, plan) -> list[list[tuple[str, torch.Tensor, torch.Tenso
     return out
 
 
-@register("cts_channels")
 def cts_channels(ctx: SearchContext) -> SearchResult:
     cfg, model = ctx.recipe.search, ctx.model
-    example = _example(ctx)
-    plan = structure.discover(model, example)
+    example = ctx.example(8)
+    plan = discover(model, example)
     uniform = plan.uniform_counts(cfg.target_macs)
     frac = min(max(uniform[0] / plan.groups[0].size if plan.groups else 1.0, 1e-3), 1 - 1e-3)
     per_channel = plan.marginal_costs(uniform)
@@ -70,25 +67,24 @@ def cts_channels(ctx: SearchContext) -> SearchResult:
 
     trained, info = concrete_search(ctx, logits, costs, kept_cost, overrides, desc="search (CTS, channels)")
     scores = [torch.sigmoid(trained[n]).cpu() for n in names]
-    keep, sel = structure.select(plan, scores, cfg.target_macs, ctx.recipe.convert.round_to)
-    mask = structure.channel_mask(model, plan, keep)
+    keep, sel = select(plan, scores, cfg.target_macs, ctx.recipe.convert.round_to)
+    mask = channel_mask(model, plan, keep)
     info.update(sel)
-    info.update({"method": "cts_channels", "kept_budget_units": "fraction of dense MACs (linearised)"})
+    info.update({"method": "cts-channels", "kept_budget_units": "fraction of dense MACs (linearised)"})
     ctx.ui.log(f"search: kept {sel['macs_kept']:.3f} of the dense MACs over {sel['groups']} channel groups "
                f"(counts rounded to multiples of {sel['round_to']})")
     return SearchResult(model=model, mask=mask, info=info)
 
 
-@register("magnitude_channels")
 def magnitude_channels(ctx: SearchContext) -> SearchResult:
     cfg, model = ctx.recipe.search, ctx.model
-    example = _example(ctx)
-    plan = structure.discover(model, example)
-    keep, sel = structure.select(plan, structure.magnitude_scores(model, plan), cfg.target_macs,
+    example = ctx.example(8)
+    plan = discover(model, example)
+    keep, sel = select(plan, l1_scores(model, plan), cfg.target_macs,
                                  ctx.recipe.convert.round_to)
-    spread = structure.fold_shifts(model, plan, keep, example)
-    mask = structure.channel_mask(model, plan, keep)
-    sel.update({"method": "magnitude_channels", "scores": "L1 per channel, normalised per group",
+    spread = fold_shifts(model, plan, keep, example)
+    mask = channel_mask(model, plan, keep)
+    sel.update({"method": "magnitude-channels", "scores": "L1 per channel, normalised per group",
                 "fold_spread": spread})
     ctx.ui.log(f"search: kept {sel['macs_kept']:.3f} of the dense MACs over {sel['groups']} channel groups "
                f"(counts rounded to multiples of {sel['round_to']})")

@@ -1,15 +1,15 @@
 """2:4 tickets: in every group of 4 weights along the reduction dimension of each eligible layer,
-keep the 2 with the highest scores: |w| (magnitude_2to4) or CTS logits (cts_2to4)."""
+keep the 2 with the highest scores: |w| (magnitude-2to4) or CTS logits (cts-2to4)."""
 from __future__ import annotations
 
 import torch
 
-from ticketforge import nm
 from ticketforge.errors import UserError
 from ticketforge.masks import prunable
-from ticketforge.search import SearchContext, SearchResult, register
+from ticketforge.search.base import SearchContext, SearchResult
 from ticketforge.search.cts import concrete_search, weight_logits
 from ticketforge.search.magnitude import magnitude_scores
+from ticketforge.structures.nm import pattern as nm
 
 
 def _eligible(model) -> list[str]:
@@ -29,14 +29,12 @@ def _result(ctx: SearchContext, method: str, scores: dict, info: dict) -> Search
     return SearchResult(model=ctx.model, mask=mask, info=info, scores=scores)
 
 
-@register("magnitude_2to4")
 def magnitude_2to4(ctx: SearchContext) -> SearchResult:
     """apex ASP's m4n2_1d: the 2 largest |w| of every 4 (the best of the 6 patterns by sum of |w|)."""
     _eligible(ctx.model)
-    return _result(ctx, "magnitude_2to4", magnitude_scores(ctx.model), {})
+    return _result(ctx, "magnitude-2to4", magnitude_scores(ctx.model), {})
 
 
-@register("cts_2to4")
 def cts_2to4(ctx: SearchContext) -> SearchResult:
     """CTS at 50% density over the eligible layers only (the others stay dense and keep their
     weights in the forward), then the 2 highest logits of every 4."""
@@ -53,4 +51,4 @@ def cts_2to4(ctx: SearchContext) -> SearchResult:
         return {n: weights[n] * soft[n].to(weights[n].dtype) for n in soft}
 
     trained, info = concrete_search(ctx, logits, costs, kept, overrides, desc="search (CTS, 2:4)")
-    return _result(ctx, "cts_2to4", trained, info)
+    return _result(ctx, "cts-2to4", trained, info)

@@ -1,0 +1,285 @@
+"""The named steps of `compress`, each only its own work (resume, seeding, timing and process
+rank are the runner's: ticketforge.runner). They share one `Run`: its inputs, and what each step
+leaves for the next.
+
+    dense -> search -> sanity -> finetune -> convert -> export -> measure -> deploy
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ticketforge import distributed, finetune, hf, search, ticket, validate
+from ticketforge import export as export_mod
+from ticketforge.data import DataBundle, loader
+from ticketforge.errors import VerificationError
+from ticketforge.finetune import Schedule
+from ticketforge.loading import LoadedModel
+from ticketforge.masks import Mask
+from ticketforge.recipe import Recipe
+from ticketforge.runner import Step
+from ticketforge.runstate import Store
+from ticketforge.search.base import SearchContext, SearchResult
+from ticketforge.structures import Converted, Structure
+from ticketforge.ui import UI
+
+# Validation samples the torch-vs-ONNX parity is checked on (distinct real inputs, not copies).
+PARITY_SAMPLES = 64
+
+
+@dataclass
+class Run:
+    """One compress job as the steps see it."""
+
+    recipe: Recipe
+    structure: Structure
+    loaded: LoadedModel
+    bundle: DataBundle
+    device: torch.device
+    seed: int
+    ui: UI
+    model: nn.Module                  # the loaded model on `device`; the search starts from it
+    dense_copy: nn.Module             # the loaded model, untouched (dense.onnx, the baseline)
+    state: Store | None = None        # this run's saved steps (rank 0)
+    out: Path | None = None           # the temporary output folder (rank 0)
+    # what the steps produce, in order
+    dense_accuracy: float | None = None
+    found: SearchResult | None = None
+    mask: Mask | None = None
+    notes: list[str] = field(default_factory=list)
+    sanity: dict | None = None
+    accuracy_before: float | None = None
+    converted: Converted | None = None
+    accuracy: float | None = None     # the converted torch model's
+    measured: dict = field(default_factory=dict)
+    deploy: dict = field(default_factory=dict)
+
+    def val_loader(self):
+        return loader(self.bundle.val, 256)
+
+    def example(self, n: int = 8) -> torch.Tensor:
+        return self.bundle.example(n).to(self.device)
+
+    @property
+    def schedule(self) -> Schedule:
+        """How the ticket is trained: the search's say, else the recipe's `finetune` section."""
+        return self.found.schedule if self.found.schedule is not None else Schedule.finetune(self.recipe)
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _mask_state(mask: Mask | None):
+    return mask.state_dict() if mask is not None else None
+
+
+# ---------------------------------------------------------------- dense
+
+def dense(run: Run) -> dict:
+    run.dense_accuracy = finetune.evaluate(run.model, run.val_loader(), run.device)
+    run.ui.log(f"dense model: validation accuracy {run.dense_accuracy:.4f}")
+    return {"accuracy": run.dense_accuracy}
+
+
+def _restore_dense(run: Run, saved: dict) -> None:
+    run.dense_accuracy = saved["accuracy"]
+    run.ui.log(f"dense model: validation accuracy {run.dense_accuracy:.4f}")
+
+
+# ---------------------------------------------------------------- search
+
+def _search_log(run: Run) -> None:
+    r = run.recipe
+    run.ui.log(f"search: {r.search.method} ({run.structure.budget(r)}, structure {run.structure.name})")
+
+
+def search_step(run: Run) -> dict | None:
+    _search_log(run)
+    ctx = SearchContext(model=run.model, loaded=run.loaded, data=run.bundle, recipe=run.recipe, device=run.device,
+                        seed=run.seed, ui=run.ui, workdir=run.state.subdir("search") if run.state else None)
+    found = search.run(ctx)
+    _after_search(run, found)
+    if _shapes(found.model) != _shapes(run.dense_copy):
+        run.ui.log("search changed the model's structure: a resumed run repeats it")
+        return None
+    return {"model": _cpu_state(found.model), "info": found.info, "mask": _mask_state(found.mask),
+            "schedule": found.schedule.to_dict() if found.schedule else None,
+            "scores": {k: v.detach().cpu() for k, v in found.scores.items()} if found.scores else None}
+
+
+def _restore_search(run: Run, saved: dict) -> None:
+    _search_log(run)
+    run.model.load_state_dict(saved["model"])
+    found = SearchResult(model=run.model, mask=Mask(saved["mask"]) if saved["mask"] is not None else None,
+                         info=saved["info"], scores=saved["scores"],
+                         schedule=Schedule(**saved["schedule"]) if saved["schedule"] else None)
+    _after_search(run, found)
+
+
+def _after_search(run: Run, found: SearchResult) -> None:
+    """The structure fits the search's mask before anything trains it."""
+    if found.mask is not None:
+        distributed.check_identical(found.mask, "mask found by the search")
+    model, mask, info = run.structure.prepare(found.model, found.mask, run.recipe, run.example())
+    run.found, run.model, run.mask = found, model, mask
+    run.notes = list(found.info.get("notes", [])) + list(info.get("notes", []))
+
+
+# ---------------------------------------------------------------- sanity
+
+def sanity_step(run: Run) -> dict:
+    """Before the fine-tune, which changes the ticket's weights in place."""
+    from ticketforge import sanity
+
+    run.sanity = sanity.run(run.model, run.mask, run.found.scores, run.loaded.fresh, run.recipe, run.schedule,
+                            run.structure, run.bundle, run.device, run.seed, run.ui)
+    return run.sanity
+
+
+def _restore_sanity(run: Run, saved: dict) -> None:
+    run.sanity = saved
+
+
+def _wants_sanity(run: Run) -> bool:
+    return run.recipe.search.sanity and run.mask is not None
+
+
+# ---------------------------------------------------------------- finetune
+
+def finetune_step(run: Run) -> dict:
+    tuned = finetune.fit(run.model, run.mask, run.schedule, run.bundle, run.device, seed=run.seed,
+                         bn_recalibrate=run.recipe.finetune.bn_recalibrate,
+                         mask_scale=run.structure.mask_scale(run.recipe), ui=run.ui)
+    run.accuracy_before = tuned.accuracy_before
+    return {"model": _cpu_state(run.model), "accuracy_before": tuned.accuracy_before, "mask": _mask_state(run.mask)}
+
+
+def _restore_finetune(run: Run, saved: dict) -> None:
+    run.model.load_state_dict(saved["model"])
+    run.mask = Mask(saved["mask"]) if saved["mask"] is not None else None
+    run.accuracy_before = saved["accuracy_before"]
+
+
+# ---------------------------------------------------------------- convert (quick and deterministic: redone on resume)
+
+def convert_step(run: Run) -> None:
+    conv = run.structure.convert(run.model, run.mask, run.recipe, run.example())
+    conv.model.eval()
+    run.converted = conv
+    run.accuracy = finetune.evaluate(conv.model, run.val_loader(), run.device)
+    run.ui.log(f"ticket: accuracy {run.accuracy_before:.4f} before fine-tuning, {run.accuracy:.4f} after")
+    digest = distributed.check_identical(conv.mask, "final mask") if conv.mask is not None else None
+    if distributed.world_size() > 1 and digest:
+        run.ui.log(f"mask identical on all {distributed.world_size()} processes (sha256 {digest[:12]})")
+    run.measured["mask_sha256"] = digest
+    run.notes += list(conv.info.get("notes", []))
+
+
+# ---------------------------------------------------------------- export (into the run state, so a resumed run keeps the files)
+
+def export_step(run: Run) -> dict:
+    files = run.state.dir / "export"
+    shutil.rmtree(files, ignore_errors=True)  # a killed run's partial files
+    files = run.state.subdir("export")
+    model = run.converted.model.cpu()  # exported and checked on the CPU, where ONNX Runtime runs
+    example = run.bundle.example(2)
+    export_mod.export_onnx(run.dense_copy, example, files / "dense.onnx", run.recipe.export, run.bundle.inputs)
+    export_mod.export_onnx(model, example, files / "model.onnx", run.recipe.export, run.bundle.inputs)
+    conversions = list(run.loaded.conversions)
+    if run.converted.spec is not None:
+        conversions.append({"structure": run.structure.name, "spec": run.converted.spec})
+    ticket.save(files / "ticket.pt", model, run.converted.mask, arch=run.loaded.arch,
+                arch_kwargs=run.loaded.arch_kwargs, conversions=conversions, recipe=run.recipe.to_dict(),
+                hf_config=run.loaded.hf_config)
+    if hf.is_model(model) and _shapes(model) == _shapes(run.dense_copy):
+        # unstructured and 2:4 keep every shape: the user's HF tooling reads the result as it is
+        hf.save_folder(model, files / "hf", run.loaded.source)
+    result = {"files": sorted(p.name for p in files.iterdir())}
+    _restore_export(run, result)
+    return result
+
+
+def _restore_export(run: Run, saved: dict) -> None:
+    for name in saved["files"]:
+        src = run.state.dir / "export" / name
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, run.out / name)
+
+
+# ---------------------------------------------------------------- measure
+
+def measure(run: Run) -> None:
+    """Everything the report says about the exported files, measured on them."""
+    run.ui.log("validate: ONNX Runtime accuracy, parity and latency")
+    out, recipe, model = run.out, run.recipe, run.converted.model.cpu()
+    x = next(iter(loader(run.bundle.val, PARITY_SAMPLES)))[0]
+    worst, mean = validate.parity(model, out / "model.onnx", x)
+    if worst > recipe.validate.parity_tol:
+        raise VerificationError(f"model.onnx disagrees with the torch model: max abs logit difference "
+                                f"{worst:.3e} over {len(x)} validation samples > validate.parity_tol "
+                                f"{recipe.validate.parity_tol:g}")
+    m = run.measured
+    m["parity"] = {"max": worst, "mean": mean, "samples": len(x)}
+    m["structure"] = run.structure.verify(out / "model.onnx", out / "dense.onnx", run.converted, recipe) or {}
+    m["onnx_accuracy"] = validate.onnx_accuracy(out / "model.onnx", run.bundle.val)
+    m["dense_onnx_accuracy"] = validate.onnx_accuracy(out / "dense.onnx", run.bundle.val)
+    sample = x[0].numpy()  # MACs are counted on a real sample (ticketforge.macs)
+    m["dense"], m["compressed"] = (validate.onnx_stats(out / "dense.onnx", sample),
+                                   validate.onnx_stats(out / "model.onnx", sample))
+    m["latency"] = validate.latency(out / "dense.onnx", out / "model.onnx", run.bundle.input_shape,
+                                    recipe.validate.latency_batches, recipe.validate.repeats, recipe.validate.warmup,
+                                    example=x.numpy())
+
+
+# ---------------------------------------------------------------- deploy: targets beyond model.onnx
+
+def deploy(run: Run) -> None:
+    recipe, v = run.recipe, run.recipe.validate
+    if recipe.export.quantize != "none":
+        from ticketforge import quantize
+
+        run.ui.log(f"quantize: model.{recipe.export.quantize}.onnx")
+        run.deploy["quantize"], rows = quantize.export_quantized(run.out, recipe.export.quantize, run.bundle,
+                                                                 v.repeats, v.warmup, v.latency_batches)
+        run.measured["latency"] += rows
+    if "tensorrt" in recipe.export.targets:
+        from ticketforge import tensorrt
+
+        run.ui.log("tensorrt: build and validate model.engine")
+        run.deploy["tensorrt"], rows = tensorrt.build_and_validate(run.out, recipe, run.bundle, run.ui)
+        run.measured["latency"] += rows
+
+
+def _wants_deploy(run: Run) -> bool:
+    return run.recipe.export.quantize != "none" or "tensorrt" in run.recipe.export.targets
+
+
+STEPS = (
+    Step("dense", dense, _restore_dense, shared=True),
+    Step("search", search_step, _restore_search),
+    Step("sanity", sanity_step, _restore_sanity, when=_wants_sanity),
+    Step("finetune", finetune_step, _restore_finetune),
+    Step("convert", convert_step),
+    Step("export", export_step, _restore_export, main_only=True),
+    Step("measure", measure, main_only=True),
+    Step("deploy", deploy, main_only=True, when=_wants_deploy),
+)
+
+
+def start(recipe: Recipe, structure: Structure, loaded: LoadedModel, bundle: DataBundle, device: torch.device,
+          seed: int, ui: UI) -> Run:
+    from ticketforge import device as device_mod
+
+    dense_copy = copy.deepcopy(loaded.model).eval()
+    model = device_mod.to_device(loaded.model, device).eval()
+    return Run(recipe=recipe, structure=structure, loaded=loaded, bundle=bundle, device=device, seed=seed, ui=ui,
+               model=model, dense_copy=dense_copy)

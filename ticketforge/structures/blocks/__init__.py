@@ -1,0 +1,46 @@
+"""Removed residual blocks: each removed block computes what it computed with its residual branch
+zeroed (e.g. relu(x) for relu(x + f(x))), with every op of the branch gone. Faster everywhere.
+Finding and removing blocks is residual.py; choosing them is the search (cts-blocks)."""
+from __future__ import annotations
+
+from ticketforge.errors import UserError
+from ticketforge.structures import Converted, Structure, fewer_weights
+
+
+class Blocks(Structure):
+    name = "blocks"
+    summary = "removed residual blocks (faster everywhere)"
+    methods = ("cts-blocks",)
+    budget_keys = ("target_macs", "blocks")
+    sweep_key = "target_macs"
+
+    def budget(self, recipe) -> str:
+        s = recipe.search
+        return f"{s.blocks} blocks" if s.blocks else f"target MACs {s.target_macs:g} of dense"
+
+    def check(self, recipe) -> None:
+        super().check(recipe)
+        if recipe.search.sanity:
+            raise UserError("recipe key 'search.sanity': the sanity checks vary a weight mask, and a blocks "
+                            "ticket has none; remove search.sanity")
+
+    def convert(self, model, mask, recipe, example) -> Converted:
+        """The search already removed the blocks physically; record which, so that ticket.pt rebuilds."""
+        from ticketforge.structures.blocks.residual import RemovedBlock
+
+        removed = {n: m.was for n, m in model.named_modules() if isinstance(m, RemovedBlock)}
+        if not removed:
+            raise UserError("convert.structure blocks: no residual block was removed")
+        if mask is not None:
+            mask.apply(model)
+        return Converted(model=model, mask=mask, info={"structure": self.name, "removed_blocks": removed},
+                         spec={"removed_blocks": list(removed)})
+
+    def verify(self, onnx_path, dense_onnx_path, converted, recipe):
+        fewer_weights(onnx_path, dense_onnx_path, "blocks: no block was removed")
+        return None
+
+    def rebuild(self, model, spec):
+        from ticketforge.structures.blocks.residual import remove_blocks
+
+        return remove_blocks(model, spec["removed_blocks"])

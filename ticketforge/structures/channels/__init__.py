@@ -1,0 +1,75 @@
+"""Removed channels: the ticket's channels physically gone from every Conv / Linear / norm that
+carries them, coupled groups (residual adds, depthwise convs, concat, flatten) removed together.
+Faster on any runtime. Four steps, one module each: graph.py (which channels are coupled, what
+they cost), select.py (which stay), surgery.py (masks, BatchNorm-shift folding, removal), spec.py
+(rebuilding the shrunk model from plain data)."""
+from __future__ import annotations
+
+from ticketforge.structures import Converted, Structure, fewer_weights
+from ticketforge.structures.unstructured import WEIGHT_METHODS
+
+
+class Channels(Structure):
+    name = "channels"
+    summary = "removed channels (faster on any runtime)"
+    # A weight-level ticket is turned into channels too: the channels its mask left emptiest go.
+    methods = ("cts-channels", "magnitude-channels") + WEIGHT_METHODS
+    budget_keys = ("target_macs",)
+    sweep_key = "target_macs"
+    convert_keys = ("round_to",)
+
+    def budget(self, recipe) -> str:
+        return f"target MACs {recipe.search.target_macs:g} of dense"
+
+    def _selection(self, model, mask, recipe, example):
+        """The channel groups and which channels stay. A mask from a channel search says it directly;
+        any other mask (an unstructured ticket) is turned into one by dropping the channels it left
+        emptiest until search.target_macs is met, their BatchNorm shift folded into the consumers."""
+        from ticketforge.structures.channels import graph, select, surgery
+
+        plan = graph.discover(model, example)
+        keep = surgery.keep_from_mask(plan, mask, model) if mask is not None else None
+        info: dict = {"structure": self.name, "groups": len(plan.groups), "left_whole": plan.skipped}
+        if keep is None:
+            scores = (select.mask_density_scores(plan, mask) if mask is not None else select.l1_scores(model, plan))
+            keep, sel = select.select(plan, scores, recipe.search.target_macs, recipe.convert.round_to)
+            sel["fold_spread"] = surgery.fold_shifts(model, plan, keep, example)
+            mask = surgery.channel_mask(model, plan, keep)
+            info.update(sel)
+            info["notes"] = [f"the ticket was not channel-structured: the channels its mask left emptiest were "
+                             f"dropped to keep {sel['macs_kept']:.3f} of the dense MACs"]
+        return plan, keep, mask, info
+
+    def prepare(self, model, mask, recipe, example):
+        _, _, mask, info = self._selection(model, mask, recipe, example)
+        return model, mask, info
+
+    def convert(self, model, mask, recipe, example) -> Converted:
+        """Physically remove the masked channels; the report gets the largest logit difference between
+        the masked model and the shrunk one (0 up to float rounding: the shrunk model is the ticket)."""
+        import copy
+
+        import torch
+
+        from ticketforge.structures.channels import spec, surgery
+
+        plan, keep, mask, info = self._selection(model, mask, recipe, example)
+        masked = copy.deepcopy(model).eval()
+        mask.apply(masked)
+        shrunk = surgery.shrink(masked, plan, keep, example)
+        with torch.no_grad():
+            x = example.to(next(masked.parameters()).device)
+            info["max_logit_diff_vs_masked"] = float((masked(x) - shrunk(x)).abs().max())
+        info["kept_channels"] = {g.root: int(len(k)) for g, k in zip(plan.groups, keep)}
+        info["group_sizes"] = {g.root: g.size for g in plan.groups}
+        return Converted(model=shrunk, mask=None, info=info, spec=spec.arch_spec(shrunk))
+
+    def verify(self, onnx_path, dense_onnx_path, converted, recipe):
+        fewer_weights(onnx_path, dense_onnx_path, "channels: no channel was removed")
+        return None
+
+    def rebuild(self, model, spec_data):
+        from ticketforge.structures.channels.spec import apply_spec
+
+        return apply_spec(model, spec_data)
+

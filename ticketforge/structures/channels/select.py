@@ -1,0 +1,79 @@
+"""Channel structure, step 2 of 4: selection. Which channels of each coupled group stay, from any
+per-channel scores, under a MAC budget, with kept counts rounded to the runtime's vector width."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ticketforge.masks import Mask
+from ticketforge.structures.channels.graph import ChannelPlan
+
+def allowed_counts(size: int, round_to: int) -> list[int]:
+    """Kept-channel counts a group may take: multiples of round_to (at least one), or all of it."""
+    return sorted({size} | {m for m in range(round_to, size, round_to)})
+
+
+def select(plan: ChannelPlan, scores: list[torch.Tensor], target: float, round_to: int) -> tuple[list[torch.Tensor], dict]:
+    """Kept channels per group: starting from all, repeatedly drop the chunk (down to the next
+    allowed count) with the least score per MAC saved, until the exact MACs meet target x dense.
+    Rounding is part of the search, so the budget holds for the counts actually exported."""
+    budget = target * plan.dense_macs
+    order = [torch.argsort(s.float().cpu(), descending=True) for s in scores]
+    counts = [g.size for g in plan.groups]
+    current = plan.macs(counts)
+    while current > budget:
+        best = None
+        for i, g in enumerate(plan.groups):
+            lower = [c for c in allowed_counts(g.size, round_to) if c < counts[i]]
+            if not lower:
+                continue
+            trial = list(counts)
+            trial[i] = lower[-1]
+            saved = current - plan.macs(trial)
+            lost = float(scores[i].float().cpu()[order[i][lower[-1]:counts[i]]].sum())
+            ratio = lost / max(saved, 1e-12)
+            if best is None or ratio < best[0]:
+                best = (ratio, trial)
+        if best is None:
+            break
+        counts = best[1]
+        current = plan.macs(counts)
+    keep = [order[i][:counts[i]].sort().values for i in range(len(plan.groups))]
+    info = {"groups": len(plan.groups), "kept_channels": {g.root: int(c) for g, c in zip(plan.groups, counts)},
+            "group_sizes": {g.root: g.size for g in plan.groups}, "macs_kept": current / max(plan.dense_macs, 1e-12),
+            "target_macs": target, "round_to": round_to, "budget_met": current <= budget + 1e-6,
+            "left_whole": plan.skipped}
+    if not info["budget_met"]:
+        info["notes"] = [f"channels: kept {info['macs_kept']:.3f} of the dense MACs, above search.target_macs "
+                         f"{target:g}: every prunable group is at its smallest count (groups left whole: "
+                         f"{len(plan.skipped)})"]
+    return keep, info
+
+
+def l1_scores(model: nn.Module, plan: ChannelPlan) -> list[torch.Tensor]:
+    """L1 norm of each channel's producer rows, summed over the group's producers and divided by the
+    group's mean so that groups of different layers compare."""
+    params = dict(model.named_modules())
+    out = []
+    for g in plan.groups:
+        s = torch.zeros(g.size)
+        for m in g.of("out"):
+            w = params[m.module].weight.detach().float().cpu()
+            s.index_add_(0, torch.tensor(m.root), w[m.idx].abs().reshape(len(m.idx), -1).sum(1))
+        out.append(s / s.mean().clamp_min(1e-12))
+    return out
+
+
+def mask_density_scores(plan: ChannelPlan, mask: Mask) -> list[torch.Tensor]:
+    """Fraction of each channel's producer weights an (unstructured) mask keeps."""
+    out = []
+    for g in plan.groups:
+        kept, total = torch.zeros(g.size), torch.zeros(g.size)
+        for m in g.of("out"):
+            rows = mask[f"{m.module}.weight"][m.idx].reshape(len(m.idx), -1).float().cpu()
+            kept.index_add_(0, torch.tensor(m.root), rows.sum(1))
+            total.index_add_(0, torch.tensor(m.root), torch.full((len(m.idx),), float(rows.shape[1])))
+        out.append(kept / total.clamp_min(1))
+    return out
+
+
