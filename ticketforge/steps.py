@@ -201,8 +201,9 @@ def export_step(run: Run) -> dict:
     ticket.save(files / "ticket.pt", model, run.converted.mask, arch=run.loaded.arch,
                 arch_kwargs=run.loaded.arch_kwargs, conversions=conversions, recipe=run.recipe.to_dict(),
                 hf_config=run.loaded.hf_config)
-    if hf.is_model(model) and _shapes(model) == _shapes(run.dense_copy):
-        # unstructured and 2:4 keep every shape: the user's HF tooling reads the result as it is
+    if hf.is_model(model) and not conversions and _shapes(model) == _shapes(run.dense_copy):
+        # unstructured and 2:4 keep the architecture as its config describes it: the user's HF
+        # tooling reads the result as it is
         hf.save_folder(model, files / "hf", run.loaded.source)
     result = {"files": sorted(p.name for p in files.iterdir())}
     _restore_export(run, result)
