@@ -8,6 +8,7 @@ spec.py (rebuilding a shrunk model from plain data)."""
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -145,8 +146,25 @@ def _probe(model: nn.Module, example: torch.Tensor, root: str, expected_shape) -
     return None
 
 
+# Plans found earlier, per model object: the search, the step before fine-tuning and the conversion
+# all ask for the same model's plan, and tracing a large model (ResNet-50, ViT-Base) takes seconds.
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 def discover(model: nn.Module, example: torch.Tensor) -> ChannelPlan:
-    """Coupled channel groups of `model` (traced on `example`) and their MAC model."""
+    """Coupled channel groups of `model` (traced on `example`) and their MAC model. A plan depends on
+    the model's layers and shapes and on the example's shape, not on the weights: it is found once
+    per model object and kept while those stay the same."""
+    key = (tuple(example.shape), example.dtype, tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()))
+    cached = _PLANS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    plan = _discover(model, example)
+    _PLANS[model] = (key, plan)
+    return plan
+
+
+def _discover(model: nn.Module, example: torch.Tensor) -> ChannelPlan:
     if isinstance(model, torch.jit.ScriptModule):
         raise UserError("channel structure needs an eager nn.Module (a TorchScript archive cannot be traced "
                         "for dependencies or shrunk); give a state_dict with --arch")
