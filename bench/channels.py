@@ -3,7 +3,7 @@
 On scikit-learn's 8x8 digits (real data, no download), a trained `digits-resnet` is compressed to
 `--target` of its MACs by:
   cts-channels, magnitude-channels   ticketforge's recipes (through the pipeline's Python API)
-  layers                             ticketforge's residual-block removal (when the recipe exists)
+  cts-blocks                         ticketforge's residual-block removal (recipe `layers`)
   tp-metapruner                      torch-pruning's MetaPruner (L1 importance, uniform ratio found by
                                      bisection to meet the same MAC budget), same fine-tune
   scratch                            cts-channels' shrunk architecture re-initialised and trained
@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ticketforge import finetune, models, recipe as recipes, structure, validate  # noqa: E402
+from ticketforge import finetune, models, recipe as recipes, ticket, validate  # noqa: E402
 from ticketforge.data import load_data, loader  # noqa: E402
 from ticketforge.export import export_onnx  # noqa: E402
 from ticketforge.pipeline import Job, compress  # noqa: E402
@@ -100,12 +100,12 @@ def main():
     dense_onnx = export_onnx(dense, bundle.example(2), work / "dense.onnx", recipes.ExportConfig())
     rows = []
 
-    available = set(recipes.builtin_names())
-    for name in ["cts-channels", "magnitude-channels", "layers"]:
-        if name not in available:
-            continue
-        sets = [f"search.target_macs={args.target}", f"convert.round_to={args.round_to}",
-                f"finetune.epochs={args.epochs}", f"search.steps={args.search_steps}", "validate.repeats=3"]
+    # each recipe gets the settings its method and structure read (any other key is refused)
+    extra = {"cts-channels": [f"convert.round_to={args.round_to}", f"search.steps={args.search_steps}"],
+             "magnitude-channels": [f"convert.round_to={args.round_to}"],
+             "cts-blocks": [f"search.steps={args.search_steps}"]}
+    for name, own in extra.items():
+        sets = [f"search.target_macs={args.target}", f"finetune.epochs={args.epochs}", "validate.repeats=3", *own]
         t = time.perf_counter()
         compress(Job(model_path=work / "dense.pt", recipe=recipes.resolve(name, sets), data="digits",
                      arch="digits-resnet", arch_kwargs=kwargs, out=work / name, force=True, val_fraction=0.2,
@@ -116,7 +116,7 @@ def main():
     rows.append(measure("tp-metapruner", path, dense_onnx, bundle, seconds, args.batches))
 
     if (work / "cts-channels" / "ticket.pt").exists():
-        shrunk = structure.load_shrunk(work / "cts-channels" / "ticket.pt")
+        shrunk = ticket.load(work / "cts-channels" / "ticket.pt")
         for m in shrunk.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from ticketforge import finetune, models, recipe as recipes, sanity, search
+from ticketforge import finetune, models, recipe as recipes, search
+from ticketforge.finetune import Schedule
+from ticketforge.search.base import SearchContext
 from ticketforge.data import load_data, loader
 from ticketforge.loading import LoadedModel
 
@@ -42,14 +44,14 @@ def dense_model(arch: str, bundle, seed: int, epochs: int) -> tuple[torch.nn.Mod
 def point(method: str, setting: str, sparsity: float, dense, arch, bundle, seed: int, sets: list[str]) -> dict:
     name, _, objective = method.partition(":")
     # A method with its own built-in recipe (magnitude, imp) runs that; the others take cts's settings.
-    base = recipes.load_raw(name if name in recipes.builtin_names() else "cts")
+    base = name if name in recipes.builtin_names() else "cts"
     items = [f"search.method={name}", f"search.sparsity={sparsity}", f"search.start={setting}", *sets]
     if objective:
         items.append(f"search.objective={objective}")
-    recipe = recipes.validate(_apply(base, items))
+    recipe = recipes.resolve(base, items)
     device = torch.device("cpu")
     model = copy.deepcopy(dense)
-    ctx = search.SearchContext(model=model, loaded=LoadedModel(model=model, arch=arch), data=bundle, recipe=recipe,
+    ctx = SearchContext(model=model, loaded=LoadedModel(model=model, arch=arch), data=bundle, recipe=recipe,
                                device=device, seed=seed)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
@@ -61,17 +63,12 @@ def point(method: str, setting: str, sparsity: float, dense, arch, bundle, seed:
         found.mask.apply(probe)
         finetune.recalibrate_bn(probe, loader(bundle.train, 128, shuffle=True, seed=seed), device)
         before = finetune.evaluate(probe, loader(bundle.val, 256), device)
-    acc = sanity.retrain(found.model, found.mask, recipe, found.finetune, bundle, device, seed)
+    schedule = found.schedule or Schedule.finetune(recipe)
+    acc = finetune.fit(found.model, found.mask, schedule, bundle, device, seed=seed,
+                       bn_recalibrate=recipe.finetune.bn_recalibrate).accuracy
     t2 = time.perf_counter()
     return {"accuracy": acc, "before_finetune": before, "search_s": t1 - t0, "finetune_s": t2 - t1,
             "total_s": t2 - t0, "achieved_sparsity": found.mask.sparsity}
-
-
-def _apply(base: dict, items: list[str]) -> dict:
-    data = copy.deepcopy(base)
-    for item in items:
-        recipes.apply_override(data, *recipes.parse_set(item))
-    return data
 
 
 def plot(rows: list[dict], path: Path) -> None:

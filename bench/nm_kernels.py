@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
-from ticketforge import models, nm
+from ticketforge import models
+from ticketforge.structures.nm import pattern as nm
 
 # Transformer MLP and attention shapes (out, in) where 2:4 is known to pay on an A100
 # (PyTorch's semi-structured tutorial: BERT-base 1.3x end to end).

@@ -22,6 +22,7 @@ from torch.utils.data import Subset
 from ticketforge import finetune, models, recipe as recipes, search
 from ticketforge.data import load_data, loader
 from ticketforge.loading import LoadedModel
+from ticketforge.search.base import SearchContext
 from ticketforge.search.cts import cts
 
 OUT = Path(__file__).parent / "results"
@@ -29,7 +30,7 @@ OUT = Path(__file__).parent / "results"
 
 def time_search(model, loaded, bundle, device, batch, steps) -> float:
     recipe = recipes.resolve("cts", [f"search.steps={steps}", f"search.batch_size={batch}", "search.sparsity=0.95"])
-    ctx = search.SearchContext(model=model, loaded=loaded, data=bundle, recipe=recipe, device=device)
+    ctx = SearchContext(model=model, loaded=loaded, data=bundle, recipe=recipe, device=device)
     t = time.perf_counter()
     cts(ctx)
     if device.type == "cuda":

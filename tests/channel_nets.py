@@ -4,7 +4,7 @@ import copy
 import torch
 from torch import nn
 
-from ticketforge import structure
+from ticketforge.structures.channels import graph, select, surgery, spec
 
 
 def randomize_bn(model: nn.Module) -> nn.Module:
@@ -94,9 +94,9 @@ def half(plan):
 
 
 def masked_and_shrunk(model, example, keep_fn=half):
-    plan = structure.discover(model, example)
+    plan = graph.discover(model, example)
     keep = keep_fn(plan)
-    mask = structure.channel_mask(model, plan, keep)
+    mask = surgery.channel_mask(model, plan, keep)
     masked = copy.deepcopy(model)
     mask.apply(masked)
-    return plan, keep, masked.eval(), structure.shrink(masked, plan, keep, example).eval()
+    return plan, keep, masked.eval(), surgery.shrink(masked, plan, keep, example).eval()

@@ -95,7 +95,8 @@ def make_ctx():
     """A SearchContext over a tiny residual CNN and 64 random 8x8 images: fast search-method tests."""
     from torch.utils.data import TensorDataset
 
-    from ticketforge import models, recipe as recipes, search
+    from ticketforge import models, recipe as recipes
+    from ticketforge.search.base import SearchContext
     from ticketforge.data import DataBundle
     from ticketforge.loading import LoadedModel
 
@@ -106,14 +107,20 @@ def make_ctx():
         torch.manual_seed(start_weights_seed)
         loaded = LoadedModel(model=models.build("digits-resnet", {"width": 4}), arch="digits-resnet",
                              arch_kwargs={"width": 4})
-        recipe = recipes.resolve("cts", ["search.epochs=1", "search.batch_size=16", "train.epochs=2",
-                                         "train.batch_size=16", *sets])
-        return search.SearchContext(model=loaded.model.eval(), loaded=loaded, data=bundle, recipe=recipe,
-                                    device=torch.device("cpu"))
+        # search.epochs / batch_size where the chosen method reads them (CTS-style methods)
+        method = next((s.split("=", 1)[1] for s in sets if s.startswith("search.method=")), "cts")
+        from ticketforge.search import METHODS
+
+        keys = METHODS.get(method).keys
+        cts_like = [f"search.{k}" for k in ("epochs=1", "batch_size=16") if k.split("=")[0] in keys]
+        recipe = recipes.resolve("cts", [*cts_like, "train.epochs=2", "train.batch_size=16", *sets])
+        return SearchContext(model=loaded.model.eval(), loaded=loaded, data=bundle, recipe=recipe,
+                             device=torch.device("cpu"))
     return make
 
 
-FAST = ["--epochs", "1", "--set", "validate.repeats=3", "--set", "validate.warmup=1", "--quiet"]
+FAST = ["--epochs", "1", "--set", "validate.repeats=3", "--set", "validate.warmup=1", "--set", "validate.max_seconds=0.5",
+        "--quiet"]
 
 
 @pytest.fixture

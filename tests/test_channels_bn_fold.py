@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tests.channel_nets import cbr, randomize_bn
-from ticketforge import structure
+from ticketforge.structures.channels import graph, select, surgery, spec
 
 
 class PointwiseNet(nn.Module):
@@ -26,7 +26,7 @@ class PointwiseNet(nn.Module):
 def producer_only_masked(model, plan, keep):
     """Zero just the removed channels' producer rows: the channel then carries relu(BN(0))."""
     masked = copy.deepcopy(model)
-    mask = structure.channel_mask(model, plan, keep)
+    mask = surgery.channel_mask(model, plan, keep)
     with torch.no_grad():
         for g, k in zip(plan.groups, keep):
             gone = torch.ones(g.size, dtype=torch.bool)
@@ -40,25 +40,25 @@ def producer_only_masked(model, plan, keep):
 def test_shift_is_nonzero_without_folding():
     model = randomize_bn(PointwiseNet())
     x = torch.randn(8, 3, 8, 8)
-    plan = structure.discover(model, x)
+    plan = graph.discover(model, x)
     keep = [torch.arange(0, g.size, 2) for g in plan.groups]
     masked, mask = producer_only_masked(model, plan, keep)
     naive = copy.deepcopy(masked)
     mask.apply(naive)
     with torch.no_grad():
-        assert (masked(x) - structure.shrink(naive, plan, keep, x)(x)).abs().max() > 1e-2
+        assert (masked(x) - surgery.shrink(naive, plan, keep, x)(x)).abs().max() > 1e-2
 
 
 def test_folded_shrunk_equals_masked():
     model = randomize_bn(PointwiseNet())
     x = torch.randn(8, 3, 8, 8)
-    plan = structure.discover(model, x)
+    plan = graph.discover(model, x)
     keep = [torch.arange(0, g.size, 2) for g in plan.groups]
     masked, mask = producer_only_masked(model, plan, keep)
     folded = copy.deepcopy(model)
-    spread = structure.fold_shifts(folded, plan, keep, x)
+    spread = surgery.fold_shifts(folded, plan, keep, x)
     mask.apply(folded)
-    shrunk = structure.shrink(folded, plan, keep, x)
+    shrunk = surgery.shrink(folded, plan, keep, x)
     assert spread < 1e-5, "a removed channel's input must be a constant"
     assert shrunk.b[0].bias is not None and shrunk.head[2].bias is not None
     with torch.no_grad():

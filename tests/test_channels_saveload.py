@@ -2,11 +2,9 @@
 (architecture spec + state_dict) and rebuilt with torch.load(weights_only=True)."""
 import torch
 
-from ticketforge import models, structure
+from ticketforge import models, ticket
+from ticketforge.structures.channels import spec
 from ticketforge.loading import load_model
-from ticketforge.pipeline import save_ticket
-from ticketforge.loading import LoadedModel
-from ticketforge.recipe import resolve
 from tests.channel_nets import masked_and_shrunk, randomize_bn
 
 
@@ -19,11 +17,11 @@ def shrunk_builtin():
 
 def test_ticket_reloads_without_pickles(tmp_path):
     shrunk, x = shrunk_builtin()
-    loaded = LoadedModel(model=shrunk, arch="digits-resnet", arch_kwargs={"width": 16})
-    save_ticket(tmp_path / "ticket.pt", shrunk, None, loaded, structure.arch_spec(shrunk), resolve("cts-channels"))
+    ticket.save(tmp_path / "ticket.pt", shrunk, None, arch="digits-resnet", arch_kwargs={"width": 16},
+                conversions=[{"structure": "channels", "spec": spec.arch_spec(shrunk)}], recipe={})
     obj = torch.load(tmp_path / "ticket.pt", weights_only=True)  # plain data only
-    assert obj["spec"]["modules"]["1.body.0.0"]["out_channels"] == 8
-    again = structure.load_shrunk(tmp_path / "ticket.pt")
+    assert obj["structures"][0]["spec"]["modules"]["1.body.0.0"]["out_channels"] == 8
+    again = ticket.load(tmp_path / "ticket.pt")
     with torch.no_grad():
         assert torch.equal(again(x), shrunk(x))
     # the same file is a model ticketforge compress accepts
@@ -46,9 +44,9 @@ def test_plain_state_dict_does_not_fit_the_class(tmp_path):
 
 def test_ticket_without_arch_is_a_clear_error(tmp_path):
     shrunk, _ = shrunk_builtin()
-    torch.save({"state_dict": shrunk.state_dict(), "arch": None, "spec": structure.arch_spec(shrunk)},
+    torch.save({"state_dict": shrunk.state_dict(), "arch": None, "spec": spec.arch_spec(shrunk)},
                tmp_path / "t.pt")
     import pytest
     from ticketforge.errors import UserError
     with pytest.raises(UserError, match="does not name its architecture"):
-        structure.load_shrunk(tmp_path / "t.pt")
+        ticket.load(tmp_path / "t.pt")

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from ticketforge import sanity, search
+from ticketforge import sanity, search, structures
+from ticketforge.finetune import Schedule
 from ticketforge.errors import UserError
 from ticketforge.masks import prunable
 from ticketforge.search.start import starting_point
@@ -16,13 +17,13 @@ def test_each_start_mode_runs(make_ctx, start):
     sp = starting_point(ctx)
     after = prunable(sp.model)
     if start == "trained":
-        assert sp.model is ctx.model and sp.finetune == {}
+        assert sp.model is ctx.model and sp.schedule is None
     else:
         assert sp.model is not ctx.model
         assert all(not torch.equal(before[k], after[k]) for k in before)  # a new init
         k = 1 if start == "rewind" else 0
-        assert sp.finetune["start_epoch"] == k and sp.finetune["epochs"] == 2 - k
-        assert sp.finetune["total_epochs"] == 2 and sp.finetune["lr"] == ctx.recipe.train.lr
+        assert sp.schedule.start_epoch == k and sp.schedule.epochs == 2 - k
+        assert sp.schedule.total_epochs == 2 and sp.schedule.lr == ctx.recipe.train.lr
     assert sp.info["start"] == start
 
 
@@ -51,7 +52,7 @@ def test_rewind_must_leave_epochs_to_retrain(make_ctx):
 def test_cts_passes_the_retrain_schedule_on(make_ctx, start):
     ctx = make_ctx([f"search.start={start}", "search.steps=2", "search.sparsity=0.9"])
     res = search.run(ctx)
-    assert res.finetune["total_epochs"] == 2 and res.info["start"] == start
+    assert res.schedule.total_epochs == 2 and res.info["start"] == start
     assert res.model is not ctx.model
     assert res.mask.kept == round(0.1 * res.mask.total)
 
@@ -95,10 +96,13 @@ def test_sanity_run_trains_every_variant_without_touching_the_ticket(make_ctx):
     ctx, res = _ticket(make_ctx)
     ctx.loaded.arch = None  # reinit cannot be built: reported as skipped, the rest still runs
     before = {k: w.clone() for k, w in prunable(res.model).items()}
-    out = sanity.run(res.model, res.mask, res.scores, ctx.loaded.fresh, ctx.recipe, res.finetune, ctx.data,
-                     ctx.device)
+    out = sanity.run(res.model, res.mask, res.scores, ctx.loaded.fresh, ctx.recipe, Schedule.finetune(ctx.recipe),
+                     structures.get("unstructured"), ctx.data, ctx.device)
     assert set(out["variants"]) == {"shuffled", "inverted"} and "reinit" in out["skipped"]
-    assert all(0.0 <= v["accuracy"] <= 1.0 for v in out["variants"].values())
+    # each variant is what it claims: the same count, and (shuffled) the same per-layer densities
+    assert all(v["kept"] == res.mask.kept for v in out["variants"].values())
+    assert out["variants"]["shuffled"]["per_layer_density"] == pytest.approx(
+        {k: float(m.float().mean()) for k, m in res.mask.items()})
     assert all(torch.equal(before[k], w) for k, w in prunable(res.model).items())
     assert "| inverted |" in "\n".join(sanity.to_markdown(out, 0.5))
 
@@ -190,4 +194,93 @@ def test_cts_trains_the_logits_only_and_keeps_the_exact_count(make_ctx):
     init = math.log(0.05 / 0.95)
     assert any((s - init).abs().max() > 1e-4 for s in res.scores.values())            # logits moved
     assert res.mask.kept == round(0.05 * res.mask.total)
-    assert res.info["steps"] == 3 and res.finetune == {}
+    assert res.info["steps"] == 3 and res.schedule is None
+
+
+# ---------------------------------------------------------------- issue 11 defects 3, 8, 10; stopping (issue 15)
+
+@pytest.mark.parametrize("start", ["trained", "rewind", "init"])
+def test_every_gate_on_gives_an_objective_of_zero(make_ctx, start):
+    """Teacher and student normalise alike: with every gate saturated on, the student is the
+    teacher, whatever the start (a fresh or rewound model's running statistics are not the batch's)."""
+    import dataclasses
+
+    from ticketforge.search.cts import concrete_search
+
+    ctx = make_ctx([f"search.start={start}", "train.rewind_epochs=1", "search.steps=2", "search.lr=1e-9"])
+    ctx = dataclasses.replace(ctx, model=starting_point(ctx).model)
+    weights = prunable(ctx.model)
+    logits = {n: torch.full_like(w, 100.0) for n, w in weights.items()}  # sigmoid(100 + L / t) == 1
+    _, info = concrete_search(ctx, logits, {n: torch.ones(()) for n in logits}, 1.0,
+                              lambda soft: {n: weights[n] * soft[n] for n in soft})
+    assert abs(info["final_objective"]) < 1e-3
+
+
+def test_cts_gives_frozen_parameters_back_frozen(make_ctx):
+    ctx = make_ctx(["search.steps=2"])
+    params = list(ctx.model.parameters())
+    params[0].requires_grad_(False)
+    params[-1].requires_grad_(False)
+    before = [p.requires_grad for p in ctx.model.parameters()]
+    search.run(ctx)
+    assert [p.requires_grad for p in ctx.model.parameters()] == before
+
+
+def test_search_never_runs_in_unscaled_fp16(monkeypatch):
+    from ticketforge.search.cts import search_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    prec = search_precision(torch.device("cuda"))
+    assert not (prec.enabled and prec.dtype == torch.float16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert search_precision(torch.device("cuda")).dtype == torch.bfloat16
+    assert not search_precision(torch.device("cpu")).enabled
+
+
+def _gates(n=2000, k=100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    best = torch.randperm(n, generator=g)[:k]
+    value = torch.zeros(n)
+    value[best] = 1.0
+    return best, value, torch.full((n,), math.log(k / n / (1 - k / n)), requires_grad=True)
+
+
+def test_search_stops_once_the_top_k_set_is_the_known_optimum():
+    """A synthetic objective whose optimum is known: it rewards exactly k gates and sends the others
+    zero-mean noise. The search must stop on its own, well before the cap, holding those k gates."""
+    from ticketforge.search.cts import StopRule, optimise_gates
+
+    n, k = 2000, 100
+    best, value, a = _gates(n, k)
+    g = torch.Generator().manual_seed(1)
+
+    def loss_fn(soft, x, y):
+        noise = 0.3 * torch.randn(n, generator=g)
+        return -((value + noise) * soft[0]).sum() * 100 / k
+
+    info = optimise_gates([a], [torch.ones(())], float(k), loss_fn, [(None, None)] * 10, 3000, lr=0.1,
+                          temperature=2 / 3, stop=StopRule(keep=k, overlap=0.999, window=5, every=5))
+    assert info["stop"]["reason"] == "converged" and info["steps"] < 1000
+    assert info["steps"] == info["stop"]["step"] and info["stop"]["topk_overlap"] > 0.999
+    assert set(torch.topk(a.detach(), k).indices.tolist()) == set(best.tolist())
+
+
+def test_search_without_convergence_runs_to_the_cap():
+    from ticketforge.search.cts import StopRule, optimise_gates
+
+    n, k = 2000, 100
+    _, _, a = _gates(n, k)
+    g = torch.Generator().manual_seed(1)
+    info = optimise_gates([a], [torch.ones(())], float(k),
+                          lambda soft, x, y: (torch.randn(n, generator=g) * soft[0]).sum(), [(None, None)] * 10,
+                          200, lr=0.1, temperature=2 / 3, stop=StopRule(keep=k, overlap=0.999, window=5, every=5))
+    assert info["stop"]["reason"] == "cap" and info["steps"] == 200
+
+
+def test_cts_reports_where_and_why_it_stopped(make_ctx):
+    res = search.run(make_ctx(["search.epochs=3", "search.check_every=1", "search.stop_window=2"]))
+    stop = res.info["stop"]
+    assert stop["reason"] in ("converged", "cap") and stop["step"] == res.info["steps"] <= res.info["max_steps"]
+    assert res.info["max_steps"] == 3 * 4  # 64 samples, batch 16: the cap is search.epochs
+    off = search.run(make_ctx(["search.epochs=3", "search.stop_overlap=1"]))
+    assert "stop" not in off.info and off.info["steps"] == 12

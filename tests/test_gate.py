@@ -9,9 +9,10 @@ from click.testing import CliRunner
 from ticketforge import gate
 from ticketforge.cli import cli
 from ticketforge.demo import train_demo_model
+from ticketforge.errors import UserError
 
 FAST = ["--recipe", "magnitude", "--sparsity", "0.5", "--epochs", "1", "--set", "validate.repeats=3",
-        "--set", "validate.warmup=1"]
+        "--set", "validate.warmup=1", "--set", "validate.max_seconds=0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +108,64 @@ def test_evaluate_checks_every_backend_and_batch():
                        "min_speedup[a, batch 1]": True, "max_latency_ms[a, batch 1]": True,
                        "min_speedup[b, batch 64]": False, "max_latency_ms[b, batch 64]": False}
     assert gate.evaluate(report, {}) == {"passed": True, "checks": []}
+
+
+# ---------------------------------------------------------------- speed and latency on their intervals
+
+ROWS = [{"backend": "onnxruntime-cpu", "batch": 1, "speedup": 1.02, "speedup_ci": [0.97, 1.08],
+         "compressed_ms": 0.10, "compressed_ms_ci": [0.09, 0.13]},
+        {"backend": "onnxruntime-cpu", "batch": 64, "speedup": 1.6, "speedup_ci": [1.5, 1.7],
+         "compressed_ms": 4.0, "compressed_ms_ci": [3.9, 4.6]}]
+
+
+def _synthetic(rows=ROWS) -> dict:
+    return {"recipe": {"gate": {}}, "accuracy": {"dense": 0.9, "onnx": 0.9}, "latency": rows,
+            "size_mb": {"compressed": 1.0}, "sparsity": {"achieved": 0.9}}
+
+
+def test_min_speedup_is_checked_on_the_interval_low_end():
+    # batch 1's point value 1.02 clears 1.0, but its interval reaches 0.97: not a measured speed-up
+    result = gate.evaluate(_synthetic(), {"min_speedup": 1.0})
+    checks = {c["name"]: c for c in result["checks"]}
+    low = checks["min_speedup[onnxruntime-cpu, batch 1]"]
+    assert not low["passed"] and low["measured"] == 0.97 and "low end" in low["measured_as"]
+    assert checks["min_speedup[onnxruntime-cpu, batch 64]"]["passed"]
+
+
+def test_max_latency_is_checked_on_the_interval_high_end():
+    result = gate.evaluate(_synthetic(), {"max_latency_ms": 4.2})
+    checks = {c["name"]: c for c in result["checks"]}
+    assert not checks["max_latency_ms[onnxruntime-cpu, batch 64]"]["passed"]  # median 4.0, high end 4.6
+    assert checks["max_latency_ms[onnxruntime-cpu, batch 64]"]["measured"] == 4.6
+
+
+def test_rows_without_interval_use_their_point_value():
+    rows = [{"backend": "tensorrt", "batch": 1, "speedup": 1.2, "compressed_ms": 1.0}]
+    (check,) = gate.evaluate(_synthetic(rows), {"min_speedup": 1.1})["checks"]
+    assert check["passed"] and check["measured"] == 1.2 and "no interval" in check["measured_as"]
+
+
+def test_thresholds_limited_to_one_batch():
+    result = gate.evaluate(_synthetic(), {"min_speedup": 1.1, "max_latency_ms": 5.0, "batch": 64})
+    assert result["passed"] and {c["name"] for c in result["checks"]} == {
+        "min_speedup[onnxruntime-cpu, batch 64]", "max_latency_ms[onnxruntime-cpu, batch 64]"}
+    with pytest.raises(UserError, match="no latency rows at batch 8"):
+        gate.evaluate(_synthetic(), {"min_speedup": 1.1, "batch": 8})
+
+
+def test_gate_command_batch_option():
+    Path("r.json").write_text(json.dumps(_synthetic()))
+    run = CliRunner().invoke
+    assert run(cli, ["gate", "r.json", "--min-speedup", "1.1"]).exit_code == 1  # batch 1 cannot show 1.1x
+    ok = run(cli, ["gate", "r.json", "--min-speedup", "1.1", "--batch", "64"])
+    assert ok.exit_code == 0, ok.output
+    bad = run(cli, ["gate", "r.json", "--min-speedup", "1.1", "--batch", "32"])
+    assert bad.exit_code == 2 and "no latency rows at batch 32" in bad.output
+
+
+def test_recipe_gate_batch_must_be_timed():
+    from ticketforge import recipe
+
+    assert recipe.resolve("magnitude", ["gate.batch=64"]).gate.batch == 64
+    with pytest.raises(UserError, match="gate.batch"):
+        recipe.resolve("magnitude", ["gate.batch=32"])

@@ -10,7 +10,7 @@ from ticketforge import cli, recipe as recipe_mod
 from ticketforge.errors import UserError
 from ticketforge.models import build
 from ticketforge.pipeline import Job, compress
-from ticketforge.search.layers import choose, gated_version, remove_blocks, removable_blocks, removed_version
+from ticketforge.structures.blocks.residual import choose, gated_version, remove_blocks, removable_blocks, removed_version
 from ticketforge.ui import UI
 
 from tests.tiny import FAST, TINY, saved, small_digits
@@ -107,7 +107,8 @@ def test_layers_recipe_removes_blocks_from_the_onnx_graph(tmp_path):
     assert report["latency"] and report["parity"] < 1e-3
     # ticket.pt rebuilds: a fresh model, the same blocks removed, then the weights
     ticket = torch.load(tmp_path / "out" / "ticket.pt", weights_only=True)
-    model = remove_blocks(build(arch, TINY[arch]), ticket["spec"]["removed_blocks"])
+    assert ticket["structures"] == [{"structure": "blocks", "spec": {"removed_blocks": removed}}]
+    model = remove_blocks(build(arch, TINY[arch]), ticket["structures"][0]["spec"]["removed_blocks"])
     model.load_state_dict(ticket["state_dict"])
     assert len(model.state_dict()) == len(ticket["state_dict"])
 
@@ -148,7 +149,7 @@ def test_too_many_blocks_and_mismatched_structure_are_user_errors(tmp_path):
         compress(Job(model_path=saved(arch, tmp_path / "m.pt"), recipe=recipe, data=small_digits(tmp_path / "d.npz"),
                      arch=arch, arch_kwargs=TINY[arch], out=tmp_path / "out", ui=UI(quiet=True)))
     assert not (tmp_path / "out").exists()
-    with pytest.raises(UserError, match="go together"):
+    with pytest.raises(UserError, match="'unstructured' takes tickets of .*got search.method 'cts-blocks'"):
         recipe_mod.resolve("layers", ["convert.structure=unstructured"])
-    with pytest.raises(UserError, match="go together"):
+    with pytest.raises(UserError, match="'blocks' takes tickets of the search methods cts-blocks"):
         recipe_mod.resolve("magnitude", ["convert.structure=blocks"])

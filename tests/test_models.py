@@ -58,3 +58,30 @@ def test_magnitude_recipe_end_to_end(arch, tmp_path):
     assert (tmp_path / "out" / "model.onnx").exists()
     assert report["parity"] < 1e-3
     assert report["sparsity"]["torch"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_resnet20_tlab_is_the_authors_resnet20():
+    """TLAB's ResNet-20: 3x3 shortcut convs, BN gamma ~ U(0, 1) and beta 0, BN without running
+    statistics unless asked, kaiming-normal weights (std sqrt(2 / fan_in))."""
+    torch.manual_seed(0)
+    model = build("resnet20-tlab")
+    shortcuts = [m.shortcut[0] for m in model.modules() if type(m).__name__ == "TlabBlock"
+                 and isinstance(m.shortcut, nn.Sequential)]
+    assert len(shortcuts) == 2 and all(c.kernel_size == (3, 3) and c.stride == (2, 2) for c in shortcuts)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 21 and not any(b.track_running_stats for b in bns)
+    gammas = torch.cat([b.weight.detach() for b in bns])
+    assert gammas.min() >= 0 and gammas.max() <= 1 and gammas.std() > 0.2
+    assert all(float(b.bias.detach().abs().max()) == 0 for b in bns)
+    conv = model[7].body[3]  # 64 x 64 x 3 x 3
+    assert float(conv.weight.std()) == pytest.approx((2 / (64 * 9)) ** 0.5, rel=0.05)
+    assert all(b.track_running_stats for b in build("resnet20-tlab", {"running_stats": True}).modules()
+               if isinstance(b, nn.BatchNorm2d))
+
+
+def test_batch_statistics_only_model_is_refused_at_export_with_the_fix(tmp_path):
+    from ticketforge.errors import UserError
+
+    with pytest.raises(UserError, match="running_stats"):
+        export_onnx(build("resnet20-tlab", {"in_channels": 1}).eval(), torch.rand(2, 1, 8, 8), tmp_path / "m.onnx",
+                    ExportConfig())

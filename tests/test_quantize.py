@@ -19,7 +19,7 @@ def test_int8_export_has_quantized_ops_and_runs(tmp_path):
     train_demo_model(Path("demo.pt"), epochs=1)
     result = CliRunner().invoke(cli, ["compress", "demo.pt", "--recipe", "magnitude", "--sparsity", "0.5",
                                       "--epochs", "1", "--quiet", "--out", "out", "--set", "validate.repeats=3",
-                                      "--set", "export.quantize=int8"])
+                                      "--set", "validate.max_seconds=0.5", "--set", "export.quantize=int8"])
     assert result.exit_code == 0, result.output
     q = onnx.load("out/model.int8.onnx")
     ops = {n.op_type for n in q.graph.node}

@@ -62,17 +62,22 @@ def test_sigkill_during_finetune_then_resume_equals_uninterrupted(tmp_path):
 
 
 def test_stage_results_load_with_weights_only(tmp_path):
-    """What a killed run leaves behind is plain tensors and dicts (no pickled code)."""
-    from ticketforge.pipeline import Stages
+    """What a killed run leaves behind is plain tensors and dicts (no pickled code), and the runner
+    restores a saved step instead of running it again."""
+    from ticketforge.runner import Runner, Step
     from ticketforge.runstate import Store
     from ticketforge.ui import SILENT
 
-    stages = Stages(Store(tmp_path / "state"), SILENT)
-    assert stages.resume("search") is None
-    stages.finish("search", {"mask": {"w": torch.ones(3, dtype=torch.bool)}, "info": {"steps": 3}})
+    ran, restored = [], []
+    step = Step("search", lambda run: ran.append(1) or {"mask": {"w": torch.ones(3, dtype=torch.bool)},
+                                                        "info": {"steps": 3}},
+                lambda run, saved: restored.append(saved))
+    Runner(Store(tmp_path / "state"), None, 0, SILENT)(step, None)
     got = torch.load(tmp_path / "state" / "search.pt", weights_only=True)
-    assert got["info"] == {"steps": 3}
-    assert Stages(Store(tmp_path / "state"), SILENT).resume("search")["info"] == {"steps": 3}
+    assert got["info"] == {"steps": 3} and ran == [1]
+    again = Runner(Store(tmp_path / "state"), None, 0, SILENT)
+    again(step, None)
+    assert ran == [1] and restored[0]["info"] == {"steps": 3} and again.skipped == ["search"]
 
 
 def test_sigterm_exits_cleanly_with_a_message(tmp_path):

@@ -9,7 +9,7 @@ from _tiny import make_tiny
 from ticketforge import recipe as recipes
 from ticketforge.errors import UserError
 from ticketforge.pipeline import Job
-from ticketforge.sweep import parse_sparsities, pareto, sweep
+from ticketforge.sweep import parse_points, pareto, sweep
 from ticketforge.ui import UI
 
 SETS = ["search.steps=10", "validate.repeats=3", "validate.warmup=0", "validate.latency_batches=[1]"]
@@ -41,6 +41,10 @@ def test_pareto_front():
 
 
 @pytest.mark.parametrize("text", ["", "0.5,x", "1.0", "0.5,0.5", "-0.1"])
-def test_bad_sparsities_are_one_line_errors(text):
+def test_bad_points_are_one_line_errors(text):
+    """Malformed lists fail in parsing; values out of the budget key's range fail in the schema."""
+    from ticketforge.recipe import resolve
+    from ticketforge.sweep import point_recipes
+
     with pytest.raises(UserError):
-        parse_sparsities(text)
+        point_recipes(resolve("magnitude"), parse_points(text))

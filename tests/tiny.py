@@ -12,12 +12,12 @@ from ticketforge.models import build
 TINY = {
     "digits-resnet": {"width": 16},
     "resnet20": {"in_channels": 1, "width": 16},
+    "resnet20-tlab": {"in_channels": 1, "width": 8, "running_stats": True},
     "mobilenetv2": {"in_channels": 1, "width": 0.25, "last_channels": 32},
     "vit": {"in_channels": 1, "image_size": 8, "patch_size": 2, "dim": 32, "depth": 2, "heads": 2, "mlp_dim": 64},
 }
 
-FAST = ["validate.repeats=3", "validate.warmup=0", "validate.latency_batches=[1]", "finetune.batch_size=64",
-        "search.batch_size=64"]
+FAST = ["validate.repeats=3", "validate.warmup=0", "validate.latency_batches=[1]", "finetune.batch_size=64"]
 
 
 def small_digits(path: Path, n: int = 256) -> str:

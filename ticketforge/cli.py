@@ -171,15 +171,19 @@ def finish_gate(result: dict, junit: Path | None) -> None:
 @cli.command("gate")
 @click.argument("report_path", metavar="REPORT.json", type=click.Path(path_type=Path))
 @click.option("--max-accuracy-drop", type=float, help="dense minus exported accuracy, at most (0.01 = one point)")
-@click.option("--min-speedup", type=float, help="speed-up over dense, at least, for every backend and batch")
-@click.option("--max-latency-ms", type=float, help="compressed latency in ms, at most, for every backend and batch")
+@click.option("--min-speedup", type=float, help="speed-up over dense, at least (low end of its 95% interval), "
+              "for every backend and batch")
+@click.option("--max-latency-ms", type=float, help="compressed latency in ms, at most (high end of its 95% interval), "
+              "for every backend and batch")
 @click.option("--max-size-mb", type=float, help="size of model.onnx in MB, at most")
 @click.option("--min-sparsity", type=float, help="sparsity of model.onnx's prunable weights, at least")
+@click.option("--batch", type=click.IntRange(min=1), help="check --min-speedup and --max-latency-ms only at this batch "
+              "size (default: the recipe's gate.batch, else every batch)")
 @click.option("--junit", type=click.Path(path_type=Path), help="write the checks as JUnit XML here")
 @click.option("--json", "as_json", is_flag=True, help="print the gate section as JSON on stdout")
 @click.option("--debug", is_flag=True, help="show tracebacks")
 @guarded
-def gate_cmd(report_path, max_accuracy_drop, min_speedup, max_latency_ms, max_size_mb, min_sparsity, junit,
+def gate_cmd(report_path, max_accuracy_drop, min_speedup, max_latency_ms, max_size_mb, min_sparsity, batch, junit,
              as_json, debug):
     """Re-check an existing report.json against thresholds, without recomputing anything.
 
@@ -189,13 +193,48 @@ def gate_cmd(report_path, max_accuracy_drop, min_speedup, max_latency_ms, max_si
     report = gate.load_report(report_path)
     thresholds = dict(report["recipe"].get("gate") or {})
     flags = {"max_accuracy_drop": max_accuracy_drop, "min_speedup": min_speedup, "max_latency_ms": max_latency_ms,
-             "max_size_mb": max_size_mb, "min_sparsity": min_sparsity}
+             "max_size_mb": max_size_mb, "min_sparsity": min_sparsity, "batch": batch}
     thresholds.update({k: v for k, v in flags.items() if v is not None})
     result = gate.evaluate(report, thresholds)
     md = gate.to_markdown(result)
     click.echo(json.dumps(result, indent=2) if as_json else md.rstrip("\n"))
     gate.append_step_summary(f"### ticketforge gate: {report_path}\n\n{md}")
     finish_gate(result, junit)
+
+
+_TIMING = recipes.ValidateConfig()  # bench's defaults are the report's
+
+
+@cli.command("bench")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--compare", type=click.Path(path_type=Path), metavar="BASELINE.onnx",
+              help="also time this model (e.g. dense.onnx) interleaved with MODEL and report MODEL's speed-up over it")
+@click.option("--batch", "batches", type=click.IntRange(min=1), multiple=True,
+              help="batch size, repeatable (default: 1 and 64)")
+@click.option("--threads", type=click.IntRange(min=0), default=_TIMING.threads, show_default=True,
+              help="ONNX Runtime intra-op threads (0: every core)")
+@click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=_TIMING.max_seconds,
+              show_default=True, help="time cap per batch size")
+@click.option("--ci-target", type=click.FloatRange(min=0, min_open=True), default=_TIMING.ci_target,
+              show_default=True, help="stop once the 95%% interval is within +- this fraction")
+@click.option("--min-runs", type=click.IntRange(min=3), default=_TIMING.repeats, show_default=True,
+              help="timed runs (pairs with --compare) at least")
+@click.option("--warmup", type=click.IntRange(min=0), default=_TIMING.warmup, show_default=True)
+@click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE",
+              help="size of a named free input dimension, e.g. --dim sequence=128 (repeatable)")
+@click.option("--provider", default="CPUExecutionProvider", show_default=True, help="ONNX Runtime execution provider")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON on stdout")
+@click.option("--debug", is_flag=True, help="show tracebacks")
+@guarded
+def bench(model, compare, batches, threads, max_seconds, ci_target, min_runs, warmup, dims, provider, as_json, debug):
+    """Time MODEL.onnx in ONNX Runtime (with --compare, its speed-up over another model), each number
+    with its 95% interval. Needs only onnxruntime and numpy: run it on the target device."""
+    from ticketforge import benchmark, latency  # onnxruntime, never torch
+
+    settings = latency.Settings(min_runs=min_runs, warmup=warmup, max_seconds=max_seconds, ci_target=ci_target,
+                                threads=threads)
+    result = benchmark.run(model, compare, list(batches) or [1, 64], settings, benchmark.parse_dims(dims), provider)
+    click.echo(json.dumps(result, indent=2) if as_json else benchmark.to_text(result))
 
 
 @cli.command()

@@ -28,6 +28,12 @@ class DataBundle:
         """Shape of one sample (no batch axis)."""
         return tuple(self.train[0][0].shape)
 
+    @property
+    def graph_input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample of the exported model's first input: packed token ids and mask are
+        two inputs there, each (L,)."""
+        return self.input_shape[1:] if len(self.inputs) == 2 else self.input_shape
+
     def example(self, n: int = 2) -> torch.Tensor:
         return torch.stack([self.val[i][0] for i in range(min(n, len(self.val)))])
 

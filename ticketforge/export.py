@@ -51,6 +51,11 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
     """`inputs`: the graph's input names, ticketforge.data.DataBundle.inputs (the model's output is
     always one tensor named `logits`)."""
     path = Path(path)
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats for m in model.modules()):
+        # torch's exporters cannot write batch statistics at inference, and a deployed model runs at batch 1.
+        raise UserError("ONNX export: the model has BatchNorm layers without running statistics (e.g. the built-in "
+                        "resnet20-tlab by default); build it with running statistics (--arch-kwargs "
+                        "'{\"running_stats\": true}') to export it")
     model = copy.deepcopy(model).cpu().eval()
     example = example.cpu()
     args = (example,)

@@ -35,6 +35,7 @@ class Schedule:
     weight_decay: float = 5e-4
     grad_clip: float = 0.0
     start_epoch: int = 0
+    start_step: int = 0          # steps of `start_epoch` already done (rewinding to an iteration)
     total_epochs: int | None = None
 
     @classmethod
@@ -45,12 +46,13 @@ class Schedule:
                    momentum=ft.momentum, weight_decay=ft.weight_decay, grad_clip=ft.grad_clip)
 
     @classmethod
-    def rest_of_training(cls, recipe, start_epoch: int) -> "Schedule":
-        """The recipe's `train` schedule from `start_epoch` to its end (SGD, as the papers train)."""
+    def rest_of_training(cls, recipe, start_epoch: int, start_step: int = 0) -> "Schedule":
+        """The recipe's `train` schedule from step `start_step` of epoch `start_epoch` to its end
+        (SGD, as the papers train)."""
         tr = recipe.train
         return cls(epochs=tr.epochs - start_epoch, lr=tr.lr, batch_size=tr.batch_size, optimizer="sgd",
                    momentum=tr.momentum, weight_decay=tr.weight_decay, grad_clip=recipe.finetune.grad_clip,
-                   start_epoch=start_epoch, total_epochs=tr.epochs)
+                   start_epoch=start_epoch, start_step=start_step, total_epochs=tr.epochs)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -101,9 +103,14 @@ def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weig
 def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, device: torch.device,
           optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4, grad_clip: float = 0.0,
           mask: Mask | None = None, ui: UI = SILENT, desc: str = "fine-tune", start_epoch: int = 0,
-          total_epochs: int | None = None, mask_scale: Callable[[float], float] | None = None) -> list[float]:
+          total_epochs: int | None = None, mask_scale: Callable[[float], float] | None = None,
+          start_step: int = 0, max_steps: int | None = None) -> list[float]:
     """Train with a cosine learning-rate schedule over `total_epochs` (default `epochs`), starting at
     `start_epoch` of it (rewinding = starting the schedule again). Returns the mean loss per epoch.
+
+    Rewinding to an iteration: `start_step` more steps of the schedule are already done, so the
+    first epoch is that much shorter and the schedule ends where it would have. `max_steps` stops
+    earlier (training up to a rewind point).
 
     With `mask` the pruned weights stay zero; with `mask_scale` as well, they instead enter the forward
     scaled by mask_scale(fraction of this training done) and keep training, and are zeroed at the end."""
@@ -115,7 +122,7 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, devic
     steps_per_epoch = len(loader)
     total_steps = max(1, total_epochs * steps_per_epoch)
     opt = make_optimizer(model, optimizer, lr, momentum, weight_decay)
-    offset = start_epoch * steps_per_epoch  # rewinding to the middle of a schedule starts there
+    offset = start_epoch * steps_per_epoch + start_step  # rewinding to the middle of a schedule starts there
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s + offset, total_steps) / total_steps)))
     if mask is not None and not decaying:
@@ -125,14 +132,21 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, devic
     net = distributed.wrap(model, device)  # under torchrun: gradients averaged over the ranks
     losses = []
     model.train()
-    steps = epochs * steps_per_epoch
+    steps = epochs * steps_per_epoch - start_step
+    if max_steps is not None:
+        steps = min(steps, max_steps)
+    done = 0
     hold = mask.scaled(model) if decaying else _nothing()
     # A hard mask costs two fused multiplies per step (gradients, then weights), bound once here.
     weights, keep = mask.bind(model) if mask is not None and not decaying else ([], [])
-    with hold as set_scale, ui.progress(desc, steps) as advance:
+    with hold as set_scale, ui.progress(desc, steps, per_epoch=steps_per_epoch) as advance:
         for epoch in range(epochs):
+            if done >= steps:
+                break
             total, count = 0.0, 0
             for i, (x, y) in enumerate(loader):
+                if done >= steps:
+                    break
                 if decaying:
                     set_scale(mask_scale((epoch * steps_per_epoch + i) / max(steps - 1, 1)))
                 x, y = device_mod.inputs_to(x, device, model), y.to(device, non_blocking=True)
@@ -159,8 +173,10 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, devic
                         torch._foreach_mul_(weights, keep)
                 total += loss.item() * len(y)
                 count += len(y)
+                done += 1
                 advance(loss=total / count)
-            losses.append(total / max(count, 1))
+            if count:
+                losses.append(total / count)
     if mask is not None:
         mask.apply(model)
     # DDP keeps the weights identical but each rank's BatchNorm statistics saw its own last batch.

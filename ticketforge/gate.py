@@ -5,8 +5,12 @@ What each threshold measures (one check per row, so CI shows exactly what failed
 - max_accuracy_drop: dense accuracy (the loaded model in torch, on the validation split) minus
   the accuracy of each exported model in ONNX Runtime (model.onnx, and model.int8.onnx /
   model.fp16.onnx / model.engine when they were built). Absolute, e.g. 0.01 = one point.
-- min_speedup: every latency row (each backend and batch size): dense time / compressed time.
-- max_latency_ms: every latency row: the compressed model's median time.
+- min_speedup: every latency row (each backend and batch size, or only gate.batch): the LOW end of
+  the speed-up's 95% interval, so a speed-up the measurement cannot tell from noise does not pass.
+- max_latency_ms: every latency row (or only gate.batch): the HIGH end of the 95% interval of the
+  compressed model's median time.
+  Rows without an interval (TensorRT engines, reports of older versions) are checked on their point
+  value, and the check says so.
 - max_size_mb: the size of model.onnx.
 - min_sparsity: the sparsity of the prunable weights read back from model.onnx."""
 from __future__ import annotations
@@ -24,8 +28,23 @@ from ticketforge.recipe import GateConfig
 EXPORTED = {"onnx": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx", "engine": "model.engine"}
 
 
-def _check(name: str, threshold: float, measured: float, passed: bool) -> dict:
-    return {"name": name, "threshold": threshold, "measured": round(float(measured), 6), "passed": bool(passed)}
+def _check(name: str, threshold: float, measured: float, passed: bool, measured_as: str | None = None) -> dict:
+    check = {"name": name, "threshold": threshold, "measured": round(float(measured), 6), "passed": bool(passed)}
+    if measured_as:
+        check["measured_as"] = measured_as
+    return check
+
+
+def latency_rows(report: dict, batch: int | None) -> list[dict]:
+    """The latency rows a speed or latency threshold applies to: all, or those of one batch size."""
+    rows = report.get("latency", [])
+    if batch is None:
+        return rows
+    chosen = [r for r in rows if r["batch"] == batch]
+    if not chosen:
+        raise UserError(f"the report has no latency rows at batch {batch} (timed: "
+                        f"{', '.join(str(b) for b in sorted({r['batch'] for r in rows})) or 'none'})")
+    return chosen
 
 
 def evaluate(report: dict, thresholds: dict) -> dict:
@@ -39,14 +58,17 @@ def evaluate(report: dict, thresholds: dict) -> dict:
                 drop = acc["dense"] - acc[key]
                 checks.append(_check(f"max_accuracy_drop[{file}]", t["max_accuracy_drop"], drop,
                                      drop <= t["max_accuracy_drop"]))
-    for row in report.get("latency", []):
+    timed = t["min_speedup"] is not None or t["max_latency_ms"] is not None
+    for row in latency_rows(report, t["batch"]) if timed else []:
         where = f"{row['backend']}, batch {row['batch']}"
         if t["min_speedup"] is not None:
-            checks.append(_check(f"min_speedup[{where}]", t["min_speedup"], row["speedup"],
-                                 row["speedup"] >= t["min_speedup"]))
+            ci = row.get("speedup_ci")
+            low, how = (ci[0], "low end of the 95% interval") if ci else (row["speedup"], "point value, no interval")
+            checks.append(_check(f"min_speedup[{where}]", t["min_speedup"], low, low >= t["min_speedup"], how))
         if t["max_latency_ms"] is not None:
-            checks.append(_check(f"max_latency_ms[{where}]", t["max_latency_ms"], row["compressed_ms"],
-                                 row["compressed_ms"] <= t["max_latency_ms"]))
+            ci = row.get("compressed_ms_ci")
+            high, how = (ci[1], "high end of the 95% interval") if ci else (row["compressed_ms"], "point value, no interval")
+            checks.append(_check(f"max_latency_ms[{where}]", t["max_latency_ms"], high, high <= t["max_latency_ms"], how))
     if t["max_size_mb"] is not None:
         size = report["size_mb"]["compressed"]
         checks.append(_check("max_size_mb[model.onnx]", t["max_size_mb"], size, size <= t["max_size_mb"]))
@@ -76,7 +98,8 @@ def to_markdown(gate: dict) -> str:
     lines = [f"Gate: **{'PASSED' if gate['passed'] else 'FAILED'}** "
              f"({sum(not c['passed'] for c in gate['checks'])} of {len(gate['checks'])} checks failed)", "",
              "| check | threshold | measured | result |", "|---|---:|---:|---|"]
-    lines += [f"| {c['name']} | {c['threshold']:g} | {c['measured']:.4g} | {'pass' if c['passed'] else '**FAIL**'} |"
+    lines += [f"| {c['name']} | {c['threshold']:g} | {c['measured']:.4g}"
+              f"{' (' + c['measured_as'] + ')' if c.get('measured_as') else ''} | {'pass' if c['passed'] else '**FAIL**'} |"
               for c in gate["checks"]]
     return "\n".join(lines) + "\n"
 
@@ -89,7 +112,8 @@ def write_junit(gate: dict, path: str | Path, suite: str = "ticketforge.gate") -
                        errors="0", skipped="0")
     for c in gate["checks"]:
         case = ET.SubElement(ts, "testcase", classname=suite, name=c["name"])
-        text = f"measured {c['measured']:.6g}, threshold {c['threshold']:g}"
+        text = (f"measured {c['measured']:.6g}{' (' + c['measured_as'] + ')' if c.get('measured_as') else ''}, "
+                f"threshold {c['threshold']:g}")
         ET.SubElement(case, "system-out").text = text
         if not c["passed"]:
             ET.SubElement(case, "failure", message=text, type="GateCheckFailed").text = text

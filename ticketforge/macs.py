@@ -102,13 +102,18 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
     return int(np.prod(out)) * int(k)
 
 
-def count(path: str | Path, sample: np.ndarray | dict | None = None) -> tuple[int | None, str | None]:
-    """(MACs per sample, None), or (None, why it could not be counted). `sample`: one input sample
-    (or a feed dict for one sample); default all zeros of the graph's input shapes."""
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:
-        return None, f"the ONNX file does not load: {type(exc).__name__}"
+def count(model: str | Path | onnx.ModelProto, sample: np.ndarray | dict | None = None) -> tuple[int | None, str | None]:
+    """(MACs per sample, None), or (None, why it could not be counted). `model`: an ONNX file or a
+    loaded model; `sample`: one input sample (or a feed dict for one sample); default all zeros of
+    the graph's input shapes."""
+    if not isinstance(model, onnx.ModelProto):
+        try:
+            model = onnx.load(str(model))
+        except Exception as exc:
+            return None, f"the ONNX file does not load: {type(exc).__name__}"
+    copy_ = onnx.ModelProto()
+    copy_.CopyFrom(model)  # outputs are added below: never to the caller's model
+    model = copy_
     inits = {i.name for i in model.graph.initializer}
     static = {i.name: tuple(i.dims) for i in model.graph.initializer}
     nodes = [n for n in model.graph.node if n.op_type in OPS and len(n.input) >= 2]
@@ -127,8 +132,8 @@ def count(path: str | Path, sample: np.ndarray | dict | None = None) -> tuple[in
         if isinstance(sample, dict):
             feeds = sample
         elif sample is not None:
-            from ticketforge.validate import feed
-            feeds = feed(sess, np.asarray(sample)[None])
+            from ticketforge.validate import inputs
+            feeds = inputs([i.name for i in sess.get_inputs()], np.asarray(sample)[None])
         else:
             feeds = _zeros(model, inits)
         names = [o.name for o in sess.get_outputs()]

@@ -106,6 +106,49 @@ def resnet20(num_classes: int = 10, in_channels: int = 3, width: int = 16) -> nn
     return nn.Sequential(*layers)
 
 
+class TlabBlock(nn.Module):
+    """The CTS authors' ResNet block (TLAB models/resnet.py): conv-BN-ReLU-conv-BN plus the input,
+    then ReLU; where the shape changes the shortcut is a 3x3 stride-2 conv with BN (not 1x1)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, bn):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), bn(cout), nn.ReLU(inplace=True),
+                                  nn.Conv2d(cout, cout, 3, 1, 1, bias=False), bn(cout))
+        self.shortcut = (nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), bn(cout))
+                         if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+@register_model("resnet20-tlab")
+def resnet20_tlab(num_classes: int = 10, in_channels: int = 3, width: int = 16, running_stats: bool = False) -> nn.Module:
+    """ResNet-20 as the CTS authors build it (tanayarora09/TLAB, models/resnet.py, ResNetCifar):
+    3x3 shortcut convs, kaiming-normal Conv/Linear weights, BatchNorm gamma ~ U(0, 1) and beta 0,
+    and BatchNorm without running statistics (batch statistics in eval mode too; `running_stats`
+    turns them on, for deployment at batch 1)."""
+    def bn(c):
+        m = nn.BatchNorm2d(c, track_running_stats=running_stats)
+        nn.init.uniform_(m.weight)
+        nn.init.zeros_(m.bias)
+        return m
+
+    layers: list[nn.Module] = [nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), bn(width),
+                                             nn.ReLU(inplace=True))]
+    cin = width
+    for stage in range(3):
+        cout = width * 2 ** stage
+        for i in range(3):
+            layers.append(TlabBlock(cin, cout, 2 if stage > 0 and i == 0 else 1, bn))
+            cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+    model = nn.Sequential(*layers)
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight)  # TLAB's conv_fc_init; the Linear keeps torch's bias init
+    return model
+
+
 def _divisible(v: float, divisor: int = 8) -> int:
     """Round a scaled width to a multiple of `divisor` (never below 90% of it), as MobileNet does."""
     n = max(divisor, int(v + divisor / 2) // divisor * divisor)

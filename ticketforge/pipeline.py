@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 import ticketforge
-from ticketforge import adapt, data as data_stage, device as device_mod, distributed, gate as gate_stage, steps, structures
+from ticketforge import adapt, data as data_stage, device as device_mod, distributed, gate as gate_stage, latency, steps
+from ticketforge import structures
 from ticketforge import report as report_stage
 from ticketforge.data import DataBundle, check_against_model, load_data
 from ticketforge.errors import UserError
@@ -168,7 +169,7 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
     lat = report["latency"]
     ui.log(f"wrote {out}/: accuracy {run.dense_accuracy:.4f} -> {report['accuracy']['onnx']:.4f} (ONNX), sparsity "
            f"{report['sparsity']['achieved']:.4f}, "
-           + ", ".join(f"{r['backend']} batch {r['batch']} {r['speedup']:.2f}x" for r in lat))
+           + ", ".join(f"{r['backend']} batch {r['batch']} {latency.describe(r)}" for r in lat))
     failed = [c["name"] for c in report["gate"]["checks"] if not c["passed"]]
     if report["gate"]["checks"]:
         ui.log(f"gate: {'FAILED ' + ', '.join(failed) if failed else 'passed'} ({len(report['gate']['checks'])} checks)")
@@ -217,6 +218,7 @@ def build_report(job: Job, run: steps.Run, runner: Runner, classes: int, key: st
                  **({"unknown": m["dense"]["macs_unknown"] or m["compressed"]["macs_unknown"]}
                     if m["dense"]["macs"] is None or m["compressed"]["macs"] is None else {})},
         "size_mb": {"dense": m["dense"]["size_mb"], "compressed": m["compressed"]["size_mb"]},
+        "size": m["size"],
         "accuracy": {"dense": run.dense_accuracy, "compressed": run.accuracy, "onnx": m["onnx_accuracy"],
                      "dense_onnx": m["dense_onnx_accuracy"], "before_finetune": run.accuracy_before,
                      **_deployed_accuracy(run)},
@@ -224,6 +226,7 @@ def build_report(job: Job, run: steps.Run, runner: Runner, classes: int, key: st
         "parity_mean": m["parity"]["mean"],
         "parity_samples": m["parity"]["samples"],
         "latency": m["latency"],
+        "latency_env": latency.environment("CPUExecutionProvider", m["timing"].threads),
         "timings": {k: round(v, 3) for k, v in runner.timings.items()},
         "notes": run.notes,
         **m["structure"],

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from torch.utils.data import Dataset
 
+from ticketforge import sparse_storage
 from ticketforge.data import loader
 
 QUANT_OPS = ("QuantizeLinear", "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger")
@@ -53,9 +54,14 @@ def quantize_int8(fp32: str | Path, out: str | Path, calib: Dataset, *, preproce
     logging.getLogger("root").setLevel(logging.ERROR)  # the quantizer logs every skipped node at WARNING
     with tempfile.TemporaryDirectory() as tmp:
         src = fp32
+        m = onnx.load(str(fp32))
+        if m.graph.sparse_initializer:  # the quantizer reads graph.initializer only
+            src = Path(tmp) / "dense.onnx"
+            onnx.save_model(sparse_storage.densify(m), str(src))
         if preprocess:
-            src = Path(tmp) / "pre.onnx"
-            quant_pre_process(str(fp32), str(src), skip_symbolic_shape=True)
+            pre = Path(tmp) / "pre.onnx"
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            src = pre
         input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
         reader = BatchReader(input_name, calib, batch_size, max_samples)
         quantize_static(str(src), str(out), reader,
@@ -81,28 +87,35 @@ def convert_fp16(fp32: str | Path, out: str | Path) -> dict:
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    model = OnnxModel(convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True))
+    model = OnnxModel(convert_float_to_float16(sparse_storage.load_dense(fp32), keep_io_types=True))
     model.topological_sort()  # the converter appends the input Cast nodes at the end of the graph
     onnx.save_model(model.model, str(out))
     onnx.checker.check_model(str(out))
     return {"format": "fp16", "keep_io_types": True}
 
 
-def export_quantized(folder: Path, kind: str, bundle, repeats: int, warmup: int, batches: list[int]) -> tuple[dict, list]:
-    """The pipeline stage: write model.<kind>.onnx from model.onnx, measure its accuracy and (INT8)
-    its latency against the dense fp32 export; returns (report section, latency rows)."""
+def export_quantized(folder: Path, kind: str, bundle, repeats: int, warmup: int, batches: list[int], *,
+                     settings=None, storage: str = "never") -> tuple[dict, list]:
+    """The pipeline stage: write model.<kind>.onnx from model.onnx, store its weights as
+    `storage` says (export.sparse_storage; checked on validation samples), measure its
+    accuracy and (INT8) its latency against the dense fp32 export; returns (report section,
+    latency rows)."""
     from ticketforge import validate
 
     path = folder / f"model.{kind}.onnx"
     rows = []
     if kind == "int8":
         info = quantize_int8(folder / "model.onnx", path, bundle.train)
-        rows = validate.latency(folder / "dense.onnx", path, bundle.input_shape, batches, repeats, warmup,
-                                backend="onnxruntime-cpu-int8")
     else:
         # FP16 is a GPU format (TensorRT, CUDA): ONNX Runtime's CPU kernels are mostly fp32 and would
         # insert casts, so a CPU timing says nothing about its target; only accuracy is measured.
         info = convert_fp16(folder / "model.onnx", path)
+    if storage != "never":
+        x = bundle.example(validate.CHECK_SAMPLES)
+        info["storage"] = sparse_storage.store(path, storage, validate.feed(path, x))
+    if kind == "int8":
+        rows = validate.latency(folder / "dense.onnx", path, bundle.input_shape, batches, repeats, warmup,
+                                backend="onnxruntime-cpu-int8", settings=settings)
     info.update(file=path.name, accuracy=validate.onnx_accuracy(path, bundle.val),
-                size_mb=path.stat().st_size / 2 ** 20)
+                size_mb=path.stat().st_size / 2 ** 20, size=sparse_storage.sizes(path))
     return info, rows

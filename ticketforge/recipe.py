@@ -50,6 +50,11 @@ class SearchConfig:
     prune_fraction: float = opt(0.2, "IMP: fraction of the remaining weights removed per round",
                                 lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     synflow_rounds: int = opt(100, "SynFlow: pruning rounds (exponential schedule)", lo=1)
+    stop_overlap: float = opt(0.999, "CTS: stop once successive top-k sets of the logits overlap more than this "
+                              "for stop_window checks (epochs/steps are then the cap); 1: never stop early",
+                              lo=0.0, hi=1.0, lo_open=True)
+    stop_window: int = opt(5, "CTS: checks in a row the top-k set must hold", lo=1)
+    check_every: int = opt(0, "CTS: steps between checks of the top-k set (0: a quarter epoch)", lo=0)
     sanity: bool = opt(False, "also train the sanity-check variants (shuffled, inverted, re-initialised)")
 
 
@@ -59,6 +64,8 @@ class TrainConfig:
 
     epochs: int = opt(10, "total training epochs of the schedule", lo=1)
     rewind_epochs: float = opt(1.0, "rewind: epochs of dense training before the search", lo=0.0)
+    rewind_steps: int = opt(0, "rewind: optimizer steps of dense training before the search; overrides "
+                            "rewind_epochs when > 0 (rewinding to an iteration, as open_lth does)", lo=0)
     lr: float = opt(0.1, "SGD learning rate", lo=0.0, lo_open=True)
     batch_size: int = opt(128, "batch size", lo=1)
     momentum: float = opt(0.9, "SGD momentum", lo=0.0, hi=1.0)
@@ -95,23 +102,37 @@ class ExportConfig:
     opset: int = opt(17, "ONNX opset", lo=13)
     quantize: str = opt("none", "also write a quantized model", choices=["none", "int8", "fp16"])
     trt_batch: list = opt([1, 64, 256], "TensorRT optimization profile: min, opt, max batch")
+    sparse_storage: str = opt("auto", "store mostly-zero weights as ONNX sparse initializers: where the file gets "
+                              "smaller, always, or never (ONNX Runtime densifies them at load)",
+                              choices=["auto", "always", "never"])
 
 
 @dataclass
 class ValidateConfig:
     latency_batches: list = opt([1, 64], "batch sizes timed")
-    repeats: int = opt(30, "timed runs per model and batch (after warm-up)", lo=3)
+    repeats: int = opt(100, "timed pairs (dense and compressed, interleaved) per batch before the interval may "
+                       "stop the timing (fewer only if max_seconds comes first)", lo=3)
     warmup: int = opt(5, "untimed runs first", lo=0)
+    ci_target: float = opt(0.03, "time until the speed-up's 95% interval is within +- this fraction", lo=0.0,
+                           lo_open=True)
+    max_seconds: float = opt(5.0, "time cap per latency row: stop here even if the interval is still wider",
+                             lo=0.0, lo_open=True)
+    threads: int = opt(1, "ONNX Runtime intra-op threads while timing (fixed, so that numbers compare across "
+                       "machines; 0: every core of this one)", lo=0)
     parity_tol: float = opt(1e-3, "max abs logit difference allowed between torch and ONNX", lo=0.0, lo_open=True)
 
 
 @dataclass
 class GateConfig:
     max_accuracy_drop: Optional[float] = opt(None, "dense accuracy minus exported ONNX accuracy, at most")
-    min_speedup: Optional[float] = opt(None, "ONNX Runtime speed-up over dense, at least (every backend and batch)")
-    max_latency_ms: Optional[float] = opt(None, "latency of the exported model, at most (every backend and batch)")
+    min_speedup: Optional[float] = opt(None, "speed-up over dense, at least, checked on the low end of its 95% "
+                                       "interval (every backend and batch, or gate.batch)")
+    max_latency_ms: Optional[float] = opt(None, "latency of the exported model, at most, checked on the high end of "
+                                          "its 95% interval (every backend and batch, or gate.batch)")
     max_size_mb: Optional[float] = opt(None, "size of model.onnx in MB, at most", lo=0.0)
     min_sparsity: Optional[float] = opt(None, "achieved sparsity, at least", lo=0.0, hi=1.0)
+    batch: Optional[int] = opt(None, "check min_speedup and max_latency_ms only at this batch size (one of "
+                               "validate.latency_batches); unset: at every batch", lo=1)
 
 
 @dataclass
@@ -258,7 +279,7 @@ def validate(data: dict) -> Recipe:
     structure.check(recipe)
     # A key the chosen method and structure do not read is a mistake, not a setting: say so.
     given = data.get("search") or {}
-    used = set(COMMON_KEYS) | set(method.keys) | set(structure.budget_keys)
+    used = set(COMMON_KEYS) | set(method.keys) | set(structure.search_keys(method.name))
     for key in given:
         if key not in used:
             raise UserError(f"recipe key 'search.{key}' is not used by search method '{method.name}' with "
@@ -272,7 +293,18 @@ def validate(data: dict) -> Recipe:
     if recipe.search.start not in method.starts:
         raise UserError(f"recipe key 'search.start': search method '{method.name}' searches the trained weights "
                         f"only ({', '.join(method.starts)}); got '{recipe.search.start}'")
+    if recipe.gate.batch is not None and recipe.gate.batch not in recipe.validate.latency_batches:
+        raise UserError(f"recipe key 'gate.batch': {recipe.gate.batch} is not timed; validate.latency_batches is "
+                        f"{recipe.validate.latency_batches}")
+    recipe.source = copy.deepcopy(data)  # what the user wrote: variants (a sweep's points) re-validate from it
     return recipe
+
+
+def with_value(recipe: Recipe, key: str, value: Any) -> Recipe:
+    """The recipe with `key` (a dotted path) set to `value`, checked by the schema like any recipe."""
+    data = copy.deepcopy(getattr(recipe, "source", None) or recipe.to_dict())
+    apply_override(data, key.split("."), value)
+    return validate(data)
 
 
 # ---------------------------------------------------------------- loading and overrides
@@ -367,10 +399,41 @@ def apply_override(data: dict, keys: list[str], value: Any) -> None:
 def resolve(name_or_path: str, sets: list[str] = (), **shortcuts) -> Recipe:
     """Load a recipe, apply --set items then the named shortcuts (sparsity=..., epochs=...), validate."""
     data = load_raw(name_or_path)
+    base = copy.deepcopy(data)
+    given = []
     for item in sets:
-        apply_override(data, *parse_set(item))
+        keys, value = parse_set(item)
+        apply_override(data, keys, value)
+        given.append(keys)
     paths = {"sparsity": ["search", "sparsity"], "epochs": ["finetune", "epochs"]}
     for name, value in shortcuts.items():
         if value is not None:
             apply_override(data, paths[name], value)
+            given.append(paths[name])
+    if ALIASES.get(name_or_path, name_or_path) in builtin_names():
+        _drop_builtin_leftovers(data, base, given)
     return validate(data)
+
+
+def _drop_builtin_leftovers(data: dict, base: dict, given: list[list[str]]) -> None:
+    """`--recipe cts --set search.method=magnitude`: the built-in recipe's settings for its own
+    method (objective, temperature, ...) are not the user's, so they go instead of being refused.
+    Whatever the user set themselves is still checked strictly."""
+    from ticketforge import structures
+    from ticketforge.search import COMMON_KEYS, METHODS
+
+    search, convert = data.get("search"), data.get("convert")
+    if not isinstance(search, dict) or not isinstance(convert, dict | type(None)):
+        return
+    method, structure = search.get("method"), (convert or {}).get("structure", "unstructured")
+    if method not in METHODS or structure not in structures.STRUCTURES:
+        return  # validate() names the problem
+    if method == base.get("search", {}).get("method") and structure == base.get("convert", {}).get("structure",
+                                                                                                  "unstructured"):
+        return
+    used = set(COMMON_KEYS) | set(METHODS.get(method).keys) | set(structures.get(structure).search_keys(method))
+    for key in [k for k in search if k not in used and ["search", k] not in given]:
+        del search[key]
+    for key in [k for k in (convert or {}) if k != "structure" and ["convert", k] not in given
+                and k not in structures.get(structure).convert_keys]:
+        del convert[key]

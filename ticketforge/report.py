@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from ticketforge import gate, report_html, sanity
+from ticketforge.latency import describe
 
 
 def _pct(x) -> str:
@@ -14,6 +15,52 @@ def _pct(x) -> str:
 def macs_text(value, section: dict) -> str:
     """A MAC count, or "unknown (why)": a count that could not be made is never shown as 0."""
     return f"{value:,}" if value is not None else f"unknown ({section.get('unknown', 'not counted')})"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2 ** 20:.3f} MB"
+
+
+def _stored(storage: dict | None) -> str:
+    if not storage or not storage.get("sparse_tensors"):
+        return ""
+    return f", {storage['sparse_tensors']} weight tensors stored sparse"
+
+
+def _size_rows(r: dict) -> list[str]:
+    size = r.get("size")
+    if not size:  # a report of an older version
+        return [f"| model.onnx size | {r['size_mb']['dense']:.3f} MB | {r['size_mb']['compressed']:.3f} MB |"]
+    d, c = size["dense"], size["compressed"]
+    return [f"| size on disk | {_mb(d['bytes'])} | {_mb(c['bytes'])} ({c['bytes'] / d['bytes']:.2f} of dense)"
+            f"{_stored(size.get('storage'))} |",
+            f"| gzip size (download) | {_mb(d['gzip_bytes'])} | {_mb(c['gzip_bytes'])} "
+            f"({c['gzip_bytes'] / d['gzip_bytes']:.2f} of dense) |"]
+
+
+def _parity(r: dict) -> str:
+    if "parity_mean" not in r:
+        return f"max abs difference {r['parity']:.2e}"
+    return (f"max abs difference {r['parity']:.2e}, mean {r['parity_mean']:.2e} over {r['parity_samples']} "
+            "validation samples")
+
+
+def _latency_lines(r: dict) -> list[str]:
+    env = r.get("latency_env")
+    lines = []
+    if env:
+        lines += [f"Latency: ONNX Runtime {env['onnxruntime']}, {env['provider']}, {env['threads']} intra-op "
+                  f"thread{'s' if env['threads'] != 1 else ''}, CPU {env['cpu']}; dense and compressed timed in "
+                  f"interleaved pairs, speed-up = median of the per-pair ratios with its 95% interval. Where the "
+                  f"interval contains 1.0 the data cannot tell the speed from the dense model's.", ""]
+    lines += ["| backend | batch | dense ms | compressed ms (95% high) | speed-up (95% interval) | runs |",
+              "|---|---:|---:|---:|---|---:|"]
+    for row in r["latency"]:
+        high = f" ({row['compressed_ms_ci'][1]:.3f})" if row.get("compressed_ms_ci") else ""
+        capped = "" if row.get("converged", True) else " (time cap)"
+        lines.append(f"| {row['backend']} | {row['batch']} | {row['dense_ms']:.3f} | {row['compressed_ms']:.3f}{high} | "
+                     f"{describe(row)} | {row.get('runs', '-')}{capped} |")
+    return lines
 
 
 def to_markdown(r: dict) -> str:
@@ -33,22 +80,20 @@ def to_markdown(r: dict) -> str:
         f"| accuracy (ONNX Runtime, exported) | {_pct(acc.get('dense_onnx'))} | {_pct(acc['onnx'])} |",
         f"| non-zero parameters | {r['params']['dense']:,} | {r['params']['compressed']:,} |",
         f"| MACs per sample | {macs_text(r['macs']['dense'], r['macs'])} | {macs_text(r['macs']['compressed'], r['macs'])} |",
-        f"| model.onnx size | {r['size_mb']['dense']:.3f} MB | {r['size_mb']['compressed']:.3f} MB |",
+        *_size_rows(r),
         "",
         f"Sparsity of the prunable weights in `model.onnx`: {_pct(sp['achieved'])} (target {_pct(sp['target'])}). "
-        f"Torch/ONNX logit parity: max abs difference {r['parity']:.2e}.",
+        f"Torch/ONNX logit parity: {_parity(r)}.",
         "",
-        "| backend | batch | dense ms | compressed ms | speed-up |",
-        "|---|---:|---:|---:|---:|",
+        *_latency_lines(r),
     ]
-    for row in r["latency"]:
-        lines.append(f"| {row['backend']} | {row['batch']} | {row['dense_ms']:.3f} | {row['compressed_ms']:.3f} | "
-                     f"{row['speedup']:.2f}x |")
     q = r.get("quantize")
     if q:
         ops = ", ".join(f"{n} {k}" for k, n in q.get("quantized_ops", {}).items())
+        size = (f"{_mb(q['size']['bytes'])} on disk, {_mb(q['size']['gzip_bytes'])} gzipped"
+                f"{_stored(q.get('storage'))}" if q.get("size") else f"{q['size_mb']:.3f} MB")
         lines += ["", f"Quantized `{q['file']}` ({q['format']}{', ' + ops if ops else ''}): accuracy "
-                  f"{_pct(q['accuracy'])} in ONNX Runtime, {q['size_mb']:.3f} MB."]
+                  f"{_pct(q['accuracy'])} in ONNX Runtime, {size}."]
     trt = r.get("tensorrt")
     if trt:
         lines += ["", f"TensorRT `{trt['file']}` ({', '.join(trt['precisions'])}): accuracy {_pct(trt['accuracy'])}; "

@@ -7,6 +7,7 @@ import html
 import io
 
 from ticketforge import gate
+from ticketforge.latency import describe
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -100,6 +101,8 @@ def render(r: dict) -> str:
         ["non-zero parameters", f"{r['params']['dense']:,}", f"{r['params']['compressed']:,}"],
         ["MACs per sample", _macs_text(r['macs']['dense'], r['macs']), _macs_text(r['macs']['compressed'], r['macs'])],
         ["model.onnx size", f"{r['size_mb']['dense']:.3f} MB", f"{r['size_mb']['compressed']:.3f} MB"],
+        *([["gzip size (download)", f"{r['size']['dense']['gzip_bytes'] / 2 ** 20:.3f} MB",
+            f"{r['size']['compressed']['gzip_bytes'] / 2 ** 20:.3f} MB"]] if r.get("size") else []),
         ["sparsity of prunable weights", "-", f"{_pct(sp['achieved'])} (target {_pct(sp['target'])})"],
     ]
     for key in ("int8", "fp16", "engine"):
@@ -125,9 +128,9 @@ def render(r: dict) -> str:
             ["" if c["passed"] else "fail" for c in g["checks"]])]
     if r["latency"]:
         parts += ["<h2>Latency: dense vs compressed</h2>", _latency_plot(r["latency"]), _table(
-            ["backend", "batch", "dense ms", "compressed ms", "speed-up"],
-            [[x["backend"], x["batch"], f"{x['dense_ms']:.3f}", f"{x['compressed_ms']:.3f}", f"{x['speedup']:.2f}x"]
-             for x in r["latency"]])]
+            ["backend", "batch", "dense ms", "compressed ms", "speed-up (95% interval)", "runs"],
+            [[x["backend"], x["batch"], f"{x['dense_ms']:.3f}", f"{x['compressed_ms']:.3f}", describe(x),
+              x.get("runs", "-")] for x in r["latency"]])]
     if sp.get("per_layer"):
         parts += ["<h2>Per-layer sparsity</h2>", _sparsity_plot(sp["per_layer"])]
     if r.get("notes"):

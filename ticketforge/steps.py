@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ticketforge import distributed, finetune, hf, search, ticket, validate
+from ticketforge import distributed, finetune, hf, search, sparse_storage, ticket, validate
 from ticketforge import export as export_mod
 from ticketforge.data import DataBundle, loader
 from ticketforge.errors import VerificationError
@@ -27,10 +27,6 @@ from ticketforge.runstate import Store
 from ticketforge.search.base import SearchContext, SearchResult
 from ticketforge.structures import Converted, Structure
 from ticketforge.ui import UI
-
-# Validation samples the torch-vs-ONNX parity is checked on (distinct real inputs, not copies).
-PARITY_SAMPLES = 64
-
 
 @dataclass
 class Run:
@@ -195,6 +191,8 @@ def export_step(run: Run) -> dict:
     example = run.bundle.example(2)
     export_mod.export_onnx(run.dense_copy, example, files / "dense.onnx", run.recipe.export, run.bundle.inputs)
     export_mod.export_onnx(model, example, files / "model.onnx", run.recipe.export, run.bundle.inputs)
+    storage = sparse_storage.store(files / "model.onnx", run.recipe.export.sparse_storage,
+                                   validate.feed(files / "model.onnx", run.bundle.example(validate.CHECK_SAMPLES)))
     conversions = list(run.loaded.conversions)
     if run.converted.spec is not None:
         conversions.append({"structure": run.structure.name, "spec": run.converted.spec})
@@ -205,12 +203,13 @@ def export_step(run: Run) -> dict:
         # unstructured and 2:4 keep the architecture as its config describes it: the user's HF
         # tooling reads the result as it is
         hf.save_folder(model, files / "hf", run.loaded.source)
-    result = {"files": sorted(p.name for p in files.iterdir())}
+    result = {"files": sorted(p.name for p in files.iterdir()), "storage": storage}
     _restore_export(run, result)
     return result
 
 
 def _restore_export(run: Run, saved: dict) -> None:
+    run.measured["storage"] = saved["storage"]
     for name in saved["files"]:
         src = run.state.dir / "export" / name
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, run.out / name)
@@ -222,23 +221,24 @@ def measure(run: Run) -> None:
     """Everything the report says about the exported files, measured on them."""
     run.ui.log("validate: ONNX Runtime accuracy, parity and latency")
     out, recipe, model = run.out, run.recipe, run.converted.model.cpu()
-    x = next(iter(loader(run.bundle.val, PARITY_SAMPLES)))[0]
-    worst, mean = validate.parity(model, out / "model.onnx", x)
-    if worst > recipe.validate.parity_tol:
+    par = validate.parity(model, out / "model.onnx", run.bundle.example(validate.CHECK_SAMPLES))
+    if par["max"] > recipe.validate.parity_tol:
         raise VerificationError(f"model.onnx disagrees with the torch model: max abs logit difference "
-                                f"{worst:.3e} over {len(x)} validation samples > validate.parity_tol "
+                                f"{par['max']:.3e} over {par['samples']} validation samples > validate.parity_tol "
                                 f"{recipe.validate.parity_tol:g}")
     m = run.measured
-    m["parity"] = {"max": worst, "mean": mean, "samples": len(x)}
+    m["parity"] = par
     m["structure"] = run.structure.verify(out / "model.onnx", out / "dense.onnx", run.converted, recipe) or {}
     m["onnx_accuracy"] = validate.onnx_accuracy(out / "model.onnx", run.bundle.val)
     m["dense_onnx_accuracy"] = validate.onnx_accuracy(out / "dense.onnx", run.bundle.val)
-    sample = x[0].numpy()  # MACs are counted on a real sample (ticketforge.macs)
+    sample = run.bundle.example(1)[0].numpy()  # MACs are counted on a real sample (ticketforge.macs)
     m["dense"], m["compressed"] = (validate.onnx_stats(out / "dense.onnx", sample),
                                    validate.onnx_stats(out / "model.onnx", sample))
-    m["latency"] = validate.latency(out / "dense.onnx", out / "model.onnx", run.bundle.input_shape,
-                                    recipe.validate.latency_batches, recipe.validate.repeats, recipe.validate.warmup,
-                                    example=x.numpy())
+    m["size"] = {"dense": sparse_storage.sizes(out / "dense.onnx"), "compressed": sparse_storage.sizes(out / "model.onnx"),
+                 "storage": m.get("storage")}
+    m["timing"] = validate.latency_settings(recipe.validate)
+    m["latency"] = validate.latency(out / "dense.onnx", out / "model.onnx", run.bundle.graph_input_shape,
+                                    recipe.validate.latency_batches, settings=m["timing"])
 
 
 # ---------------------------------------------------------------- deploy: targets beyond model.onnx
@@ -249,8 +249,9 @@ def deploy(run: Run) -> None:
         from ticketforge import quantize
 
         run.ui.log(f"quantize: model.{recipe.export.quantize}.onnx")
-        run.deploy["quantize"], rows = quantize.export_quantized(run.out, recipe.export.quantize, run.bundle,
-                                                                 v.repeats, v.warmup, v.latency_batches)
+        run.deploy["quantize"], rows = quantize.export_quantized(
+            run.out, recipe.export.quantize, run.bundle, v.repeats, v.warmup, v.latency_batches,
+            settings=run.measured["timing"], storage=recipe.export.sparse_storage)
         run.measured["latency"] += rows
     if "tensorrt" in recipe.export.targets:
         from ticketforge import tensorrt

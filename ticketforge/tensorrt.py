@@ -16,6 +16,7 @@ import torch
 from ticketforge import validate
 from ticketforge.data import loader
 from ticketforge.errors import UserError
+from ticketforge.sparse_storage import load_dense
 
 INSTALL = "pip install ticketforge[tensorrt]"
 
@@ -66,7 +67,8 @@ def build_engine(onnx_path: Path, engine_path: Path, input_shape: tuple[int, ...
         1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)  # implicit batch is gone in TRT 10
     network = builder.create_network(explicit)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    # Weights stored as sparse initializers (export.sparse_storage) are handed over dense.
+    if not parser.parse(load_dense(onnx_path).SerializeToString(), str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise UserError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
@@ -176,5 +178,6 @@ def build_and_validate(folder: Path, recipe, bundle, ui) -> tuple[dict, list]:
                               ("TensorrtExecutionProvider", "onnxruntime-tensorrt")):
         if provider in ort.get_available_providers():
             rows += validate.latency(folder / "dense.onnx", folder / "model.onnx", bundle.input_shape,
-                                     v.latency_batches, v.repeats, v.warmup, backend=backend, provider=provider)
+                                     v.latency_batches, backend=backend, provider=provider,
+                                     settings=validate.latency_settings(v))
     return info, rows

@@ -2,7 +2,6 @@
 the dense export, and the sparsity, parameters and MACs read back from the ONNX files."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +11,13 @@ import torch
 from onnx import numpy_helper
 from torch.utils.data import Dataset
 
+from ticketforge import latency as latency_mod
 from ticketforge.data import loader
 from ticketforge.errors import VerificationError
+from ticketforge.sparse_storage import load_dense
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+CHECK_SAMPLES = 64  # validation samples that parity and the sparse-storage check run on
 
 
 def session(path: str | Path, provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
@@ -29,64 +31,66 @@ def session(path: str | Path, provider: str = "CPUExecutionProvider") -> ort.Inf
                                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
 
 
-def feed(sess: ort.InferenceSession, x: np.ndarray) -> dict[str, np.ndarray]:
+def inputs(names: list[str], x) -> dict[str, np.ndarray]:
     """ONNX Runtime's inputs for one batch as ticketforge holds it: float32 images or features,
-    int64 token ids, and a packed attention mask (N, 2, L) split into the graph's second input."""
-    x = np.asarray(x)
+    int64 token ids, and a packed attention mask (N, 2, L: ids, mask; ticketforge.adapt) split into
+    the graph's second input."""
+    x = x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     x = x.astype(np.int64 if x.dtype.kind in "iub" else np.float32, copy=False)
-    names = [i.name for i in sess.get_inputs()]
     if len(names) == 2:
         return {names[0]: np.ascontiguousarray(x[:, 0]), names[1]: np.ascontiguousarray(x[:, 1])}
     return {names[0]: x}
 
 
-def run(sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
-    return sess.run(None, feed(sess, x))[0]
+def run(sess: ort.InferenceSession, x) -> np.ndarray:
+    return sess.run(None, inputs([i.name for i in sess.get_inputs()], x))[0]
+
+
+def feed(path: str | Path, x) -> dict[str, np.ndarray]:
+    """The input dict of the ONNX model at `path` for the batch x."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    return inputs([i.name for i in graph.input if i.name not in weights], x)
 
 
 def onnx_accuracy(path: str | Path, ds: Dataset, batch_size: int = 256) -> float:
     sess = session(path)
     correct = total = 0
     for x, y in loader(ds, batch_size):
-        pred = run(sess, x.numpy()).argmax(1)
+        pred = run(sess, x).argmax(1)
         correct += int((pred == y.numpy()).sum())
         total += len(y)
     return correct / max(total, 1)
 
 
 @torch.no_grad()
-def parity(model: torch.nn.Module, path: str | Path, x: torch.Tensor) -> tuple[float, float]:
-    """Largest and mean abs difference between the torch model's logits and the ONNX model's, on the CPU."""
+def parity(model: torch.nn.Module, path: str | Path, x: torch.Tensor) -> dict:
+    """Largest and mean abs difference between the torch model's logits and the ONNX model's, on
+    the CPU, over the samples x (real validation samples: random inputs miss what real ones hit)."""
     model.eval()
     ref = model(x.to(next(model.parameters()).device)).float().cpu().numpy()
-    got = run(session(path), x.cpu().numpy())
+    got = run(session(path), x)
     diff = np.abs(ref - got)
-    return float(diff.max()), float(diff.mean())
+    return {"max": float(diff.max()), "mean": float(diff.mean()), "samples": len(x)}
+
+
+def latency_settings(cfg) -> latency_mod.Settings:
+    """The timing settings of a recipe's `validate` section."""
+    return latency_mod.Settings(min_runs=cfg.repeats, warmup=cfg.warmup, max_seconds=cfg.max_seconds,
+                                ci_target=cfg.ci_target, threads=cfg.threads)
 
 
 def latency(dense: str | Path, compressed: str | Path, sample_shape: tuple[int, ...], batches: list[int],
             repeats: int = 30, warmup: int = 5, backend: str = "onnxruntime-cpu",
-            provider: str = "CPUExecutionProvider", example: np.ndarray | None = None) -> list[dict]:
-    """Median latency of both models, timed alternately in this process so that machine noise
-    hits both alike. Inputs are random floats, or `example`'s samples repeated to the batch size
-    (token ids must be valid ids)."""
-    sd, sc = session(dense, provider), session(compressed, provider)
-    rows = []
-    rng = np.random.default_rng(0)
-    for b in batches:
-        x = (np.resize(example, (b, *example.shape[1:])) if example is not None
-             else rng.random((b, *sample_shape), dtype=np.float32))
-        td, tc = [], []
-        for i in range(warmup + repeats):
-            for sess, times in ((sd, td), (sc, tc)):
-                t0 = time.perf_counter()
-                run(sess, x)
-                if i >= warmup:
-                    times.append(time.perf_counter() - t0)
-        d, c = float(np.median(td) * 1e3), float(np.median(tc) * 1e3)
-        rows.append({"backend": backend, "batch": b, "dense_ms": round(d, 4), "compressed_ms": round(c, 4),
-                     "speedup": round(d / c, 3)})
-    return rows
+            provider: str = "CPUExecutionProvider", settings: latency_mod.Settings | None = None) -> list[dict]:
+    """Latency rows of the compressed model against the dense one, each with the speed-up's 95%
+    interval (ticketforge.latency). `settings` (latency_settings(recipe.validate)) replaces
+    repeats and warmup."""
+    s = settings or latency_mod.Settings(min_runs=repeats, warmup=warmup)
+    for path in (dense, compressed):
+        session(path, provider)  # a file ONNX Runtime cannot load is a verification error, with its reason
+    return latency_mod.compare(dense, compressed, batches, s, sample_shape=sample_shape, backend=backend,
+                               provider=provider)
 
 
 def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -101,17 +105,18 @@ def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return out
 
 
-def onnx_stats(path: str | Path, sample: np.ndarray | None = None) -> dict:
-    """Sparsity, non-zero parameters, MACs per sample (ticketforge.macs; None with `macs_unknown`
-    saying why when they cannot be counted) and file size, read from the ONNX file."""
+def onnx_stats(path: str | Path, sample: np.ndarray | None = None, count_macs: bool = True) -> dict:
+    """Sparsity, non-zero parameters, MACs per sample (ticketforge.macs, on `sample`, one input
+    sample; None with `macs_unknown` saying why when they cannot be counted) and file size, read
+    from the ONNX file."""
     from ticketforge import macs
 
-    model = onnx.load(str(path))
+    model = load_dense(path)  # sparse-stored weights count as the tensors they stand for
     weights = _weights(model)
     total = sum(w.size for w in weights.values())
     zeros = sum(int((w == 0).sum()) for w in weights.values())
     params = sum(int(np.count_nonzero(numpy_helper.to_array(i))) for i in model.graph.initializer)
-    count, why = macs.count(path, sample)
+    count, why = macs.count(model, sample) if count_macs else (None, "not counted")
     return {"weights": int(total), "zero_weights": int(zeros), "sparsity": zeros / max(total, 1),
             "params_nonzero": params, "macs": count, "macs_unknown": why,
             "size_mb": Path(path).stat().st_size / 2 ** 20}

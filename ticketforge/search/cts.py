@@ -9,6 +9,7 @@ The loop (`concrete_search`) is written over generic gates with a cost each, so 
 searches weights (cost 1 per weight) and coupled channel groups (cost = MACs per channel)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
 
+from ticketforge import device as device_mod
 from ticketforge.errors import UserError
 from ticketforge.masks import global_topk, keep_count, prunable
 from ticketforge.search.base import SearchContext, SearchResult
@@ -33,10 +35,14 @@ def concrete_sample(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Binary Concrete relaxation, drawn afresh each call: m = sigmoid(a + L / t), L logistic noise.
     (Not hard-concrete: no stretching, no clamping, no straight-through estimator.)
 
-    The authors' code (TLAB models/LotteryLayers.py, sample_concrete) computes
-    sigmoid((L + a t) / t) = sigmoid(a + L / t), not the textbook sigmoid((a + L) / t): the
-    temperature sharpens only the noise, the logit keeps its scale (so the init a = logit(k) and the
-    sparsity gradient sigmoid(a)(1 - sigmoid(a)) describe the same gate). We follow the authors."""
+    The authors' code (TLAB models/LotteryLayers.py) stores alpha = a t (initialised at t logit(k))
+    and computes sigmoid((L + alpha) / t), which is this same m. Read as written here, 1 / t = 1.5
+    enlarges the logistic noise by 1.5x against the logit, and P(m > 1/2) = P(L > -a t) = sigmoid(a t):
+    the temperature neither sharpens the gate nor leaves its probability alone. The balance below
+    counts sum sigmoid(a), the gate's value at zero noise; the authors count sum sigmoid(alpha) =
+    sum sigmoid(a t), the probability that a gate is on (we keep sigmoid(a): measured, it is what
+    our recipes were tuned with, and on MNIST-1D the authors' count searched worse: README, "How long
+    CTS searches"; the final global top-k makes the count exact either way)."""
     u = torch.rand_like(logits).clamp_(1e-10, 1 - 1e-10)
     return torch.sigmoid(logits + (torch.log(u) - torch.log1p(-u)) / temperature)
 
@@ -73,36 +79,37 @@ class GradBalance:
     gradient. When the task gradient is concentrated on few gates (the usual case) the rest are
     driven off and the expected count falls to the budget; when the task wants nearly every gate on,
     the expectation settles above the budget (measured on toy problems, tests/test_cts.py). The
-    final global top-k is what makes the count exact."""
+    final global top-k is what makes the count exact.
+
+    Everything stays on the logits' device (s and lam are 0-dim tensors): a step makes no host
+    sync, which on a GPU would stall the queue once per layer."""
 
     def __init__(self, budget: float, mode: str = "gradbalance", lagrange_lr: float = 1e-3):
         self.budget, self.mode, self.lagrange_lr = budget, mode, lagrange_lr
-        self.lam: float | None = None
+        self.lam: torch.Tensor | None = None
 
     @torch.no_grad()
     def expected(self, logits: list[torch.Tensor], costs: list[torch.Tensor]) -> float:
         return float(sum((torch.sigmoid(a.detach()) * c).sum() for a, c in zip(logits, costs)))
 
     def combine(self, logits: list[torch.Tensor], costs: list[torch.Tensor],
-                task_grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+                task_grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         with torch.no_grad():
             sig = [torch.sigmoid(a) for a in logits]
-            s = (sum(float((p * c).sum()) for p, c in zip(sig, costs)) / self.budget - 1.0) * 100.0
+            s = (torch.stack([(p * c).sum() for p, c in zip(sig, costs)]).sum() / self.budget - 1.0) * 100.0
             g_s = [(100.0 / self.budget) * c * p * (1 - p) for p, c in zip(sig, costs)]
             if self.mode == "gradbalance":
-                if s > 0:
-                    nt = math.sqrt(sum(float((g.float() ** 2).sum()) for g in task_grads))
-                    ns = math.sqrt(sum(float((g.float() ** 2).sum()) for g in g_s))
-                    lam_star = nt / max(ns, 1e-12)
-                else:
-                    lam_star = 0.0
-                lam_star = float(_all_mean(torch.tensor([lam_star], dtype=torch.float64))[0])
+                nt = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in task_grads]))
+                ns = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g_s]))
+                lam_star = torch.where(s > 0, nt / ns.clamp_min(1e-12), torch.zeros_like(nt))
+                lam_star = _all_mean(lam_star.double()).to(nt.dtype)
                 self.lam = lam_star if self.lam is None else 0.99 * self.lam + 0.01 * lam_star
             else:
                 # The authors' code does not clamp lam at 0. Unclamped, lam turns negative below the
                 # budget, pushes every gate up, and with Adam the two overshoot until the gates
                 # saturate at 0 (measured on the toy in tests/test_cts.py: expected count 1 of 220).
-                self.lam = max(0.0, (self.lam or 0.0) + self.lagrange_lr * s)
+                lam = torch.zeros_like(s) if self.lam is None else self.lam
+                self.lam = (lam + self.lagrange_lr * s).clamp_min(0.0)
             return [gt + self.lam * gs for gt, gs in zip(task_grads, g_s)], s
 
 
@@ -132,66 +139,169 @@ def bn_batch_stats(model: nn.Module):
 
 
 def search_steps(ctx: SearchContext, batches_per_epoch: int) -> int:
+    """The search's length, and with a stop rule its cap."""
     cfg = ctx.recipe.search
     return cfg.steps if cfg.steps > 0 else max(1, int(round(cfg.epochs * batches_per_epoch)))
 
 
-def concrete_search(ctx: SearchContext, logits: dict[str, torch.Tensor], costs: dict[str, torch.Tensor],
-                    kept_cost: float, overrides: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
-                    desc: str = "search (CTS)") -> tuple[dict[str, torch.Tensor], dict]:
-    """Train gate logits with frozen weights. `overrides(soft_masks)` returns the parameters to
-    substitute in the model's forward (e.g. {name: weight * mask}). Returns the trained logits and
-    a summary for the report."""
-    cfg = ctx.recipe.search
-    model, device = ctx.model, ctx.device
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    names = list(logits)
-    params = [logits[n].to(device).requires_grad_(True) for n in names]
-    cost_list = [costs[n].to(device) for n in names]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    balance = GradBalance(cfg.budget_slack * kept_cost, cfg.balance, lagrange_lr=0.01 * cfg.lr)
-    data = ctx.train_loader(cfg.batch_size)
-    total = search_steps(ctx, len(data))
+def search_precision(device: torch.device) -> device_mod.Precision:
+    """The training precision, except fp16: without loss scaling the gate-logit gradients (products
+    of weights, masks and sigmoid slopes of ~1e-3) underflow to zero in fp16, and a GPU without
+    bf16 searches in fp32 instead (the search has no weight gradients, so fp32 costs little)."""
+    prec = device_mod.precision(device)
+    return device_mod.Precision(enabled=False) if prec.scaled else prec
+
+
+@dataclasses.dataclass
+class StopRule:
+    """Stop a search once its result has stopped changing: the set of the `keep` highest logits
+    (the mask the search will return) is compared every `every` steps with the set at the check
+    before; when the overlap |A & B| / keep stays above `overlap` for `window` checks in a row, the
+    search is done."""
+    keep: int
+    overlap: float = 0.999
+    window: int = 5
+    every: int = 10
+
+    @classmethod
+    def from_recipe(cls, cfg, keep: int, batches_per_epoch: int) -> "StopRule | None":
+        if cfg.stop_overlap >= 1.0 or keep <= 0:
+            return None
+        every = cfg.check_every or max(1, batches_per_epoch // 4)
+        return cls(keep=keep, overlap=cfg.stop_overlap, window=cfg.stop_window, every=every)
+
+
+class _TopK:
+    """The top-k set of the logits, tracked across checks."""
+
+    def __init__(self, rule: StopRule):
+        self.rule, self.prev, self.run, self.last = rule, None, 0, None
+
+    @torch.no_grad()
+    def converged(self, params: list[torch.Tensor]) -> bool:
+        flat = torch.cat([a.detach().reshape(-1) for a in params])
+        k = min(self.rule.keep, flat.numel())
+        cur = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+        cur[torch.topk(flat, k, sorted=False).indices] = True
+        if self.prev is not None:
+            self.last = float((cur & self.prev).sum()) / k  # the one host sync of a check
+            self.run = self.run + 1 if self.last > self.rule.overlap else 0
+        self.prev = cur
+        return self.run >= self.rule.window
+
+
+def optimise_gates(params: list[torch.Tensor], costs: list[torch.Tensor], kept_cost: float,
+                   loss_fn: Callable[[list[torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor],
+                   batches, total: int, *, lr: float, temperature: float, balance: str = "gradbalance",
+                   budget_slack: float = 1.1, stop: StopRule | None = None, ui=None,
+                   desc: str = "search (CTS)") -> dict:
+    """The CTS loop over generic gates (leaf tensors `params`, trained in place): at every step a
+    Binary Concrete sample of each gate goes through `loss_fn(soft_masks, x, y)`, GRADBALANCE adds
+    the sparsity gradient, Adam steps. Runs `total` steps (lr x0.1 at 88% of them), or fewer when
+    `stop` says the top-k set has converged. The loss is only read back to the host at checks."""
+    opt = torch.optim.Adam(params, lr=lr)
+    gb = GradBalance(budget_slack * kept_cost, balance, lagrange_lr=0.01 * lr)
+    every = stop.every if stop is not None else max(1, min(50, total // 20))
+    topk = _TopK(stop) if stop is not None else None
     drop_at = int(LR_DROP_AT * total)
-    amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
-    step, t0, last = 0, time.perf_counter(), {}
-    with ctx.ui.progress(desc, total) as advance:
+    step, t0, reason, pending = 0, time.perf_counter(), "cap", 0
+    loss_sum, n_sum = None, 0
+    last = {}
+    per_epoch = len(batches) if hasattr(batches, "__len__") else 0
+    progress = ui.progress(desc, total, per_epoch=per_epoch) if ui is not None else contextlib.nullcontext(lambda n=1, **kw: None)
+    with progress as advance:
         while step < total:
-            for x, y in data:
+            for x, y in batches:
                 if step == drop_at:
                     for g in opt.param_groups:
-                        g["lr"] = cfg.lr * 0.1
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                    with torch.no_grad():
-                        teacher = model(x)
-                    soft = {n: concrete_sample(a, cfg.temperature) for n, a in zip(names, params)}
-                    with bn_batch_stats(model):
-                        student = functional_call(model, overrides(soft), (x,), strict=False)
-                    loss = objective(cfg.objective, student, teacher, y)
-                if not torch.isfinite(loss):
-                    raise UserError(f"CTS search: the objective became {loss.item()} at step {step}; "
-                                    "lower search.lr")
+                        g["lr"] = lr * 0.1
+                soft = [concrete_sample(a, temperature) for a in params]
+                loss = loss_fn(soft, x, y)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 grads = [torch.zeros_like(a) if g is None else _all_mean(g) for a, g in zip(params, grads)]
-                combined, s = balance.combine(params, cost_list, grads)
+                combined, s = gb.combine(params, costs, grads)
                 for a, g in zip(params, combined):
                     a.grad = g
                 opt.step()
                 step += 1
-                last = {"loss": loss.item(), "density_err": s}
-                advance(loss=last["loss"], lam=balance.lam or 0.0)
+                pending += 1
+                loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+                n_sum += 1
+                if step % every == 0 or step >= total:
+                    mean = float(loss_sum) / n_sum  # one sync per check, not per step
+                    if not math.isfinite(mean):
+                        raise UserError(f"CTS search: the objective became {mean} by step {step}; lower search.lr")
+                    last = {"loss": mean, "density_err": float(s)}
+                    loss_sum, n_sum = None, 0
+                    fields = {"loss": mean, "lam": float(gb.lam)}
+                    if topk is not None and topk.converged(params):
+                        reason = "converged"
+                    if topk is not None and topk.last is not None:
+                        fields["overlap"] = topk.last
+                    advance(pending, **fields)
+                    pending = 0
+                    if reason == "converged":
+                        break
                 if step >= total:
                     break
-    for p in model.parameters():
-        p.requires_grad_(True)
-    expected = balance.expected(params, cost_list)
-    info = {"steps": total, "final_objective": last.get("loss"), "final_lambda": balance.lam,
-            "expected_kept_cost": expected, "kept_budget": kept_cost, "seconds": time.perf_counter() - t0,
-            "objective": cfg.objective, "balance": cfg.balance, "temperature": cfg.temperature}
+            if reason == "converged":
+                break
+    expected = gb.expected(params, costs)
+    info = {"steps": step, "max_steps": total, "final_objective": last.get("loss"),
+            "final_lambda": float(gb.lam) if gb.lam is not None else None, "expected_kept_cost": expected,
+            "kept_budget": kept_cost, "seconds": time.perf_counter() - t0, "temperature": temperature,
+            "balance": balance}
+    if stop is not None:
+        info["stop"] = {"reason": reason, "step": step, "topk_overlap": topk.last, "every": stop.every,
+                        "window": stop.window, "overlap": stop.overlap}
+    return info
+
+
+def concrete_search(ctx: SearchContext, logits: dict[str, torch.Tensor], costs: dict[str, torch.Tensor],
+                    kept_cost: float, overrides: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+                    desc: str = "search (CTS)", keep: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Train gate logits with frozen weights. `overrides(soft_masks)` returns the parameters to
+    substitute in the model's forward (e.g. {name: weight * mask}). With `keep` (the number of
+    gates the result keeps, by global top-k) the search stops once that set has converged
+    (search.stop_overlap, search.stop_window) and search.epochs is only the cap. Returns the
+    trained logits and a summary for the report."""
+    cfg = ctx.recipe.search
+    model, device = ctx.model, ctx.device
+    model.eval()
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    names = list(logits)
+    params = [logits[n].to(device).requires_grad_(True) for n in names]
+    cost_list = [costs[n].to(device) for n in names]
+    data = ctx.train_loader(cfg.batch_size)
+    total = search_steps(ctx, len(data))
+    stop = StopRule.from_recipe(cfg, keep, len(data)) if keep is not None else None
+    prec = search_precision(device)
+
+    def loss_fn(soft, x, y):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with prec.autocast(device), bn_batch_stats(model):
+            # Teacher and student normalise alike, by the batch's statistics: the authors' networks
+            # have no running statistics, and a fresh or rewound model's running ones are not the
+            # batch's, so with every gate on the objective would not be 0.
+            with torch.no_grad():
+                teacher = model(x)
+            student = functional_call(model, overrides(dict(zip(names, soft))), (x,), strict=False)
+        return objective(cfg.objective, student, teacher, y)
+
+    try:
+        info = optimise_gates(params, cost_list, kept_cost, loss_fn, data, total, lr=cfg.lr,
+                              temperature=cfg.temperature, balance=cfg.balance, budget_slack=cfg.budget_slack,
+                              stop=stop, ui=ctx.ui, desc=desc)
+    finally:
+        for p, wanted in frozen:  # give back exactly what the user had frozen or not
+            p.requires_grad_(wanted)
+    info["objective"] = cfg.objective
+    if stop is not None:
+        why = ("the top-k set stopped changing" if info["stop"]["reason"] == "converged"
+               else "search.epochs (the cap) reached")
+        ctx.ui.log(f"search stopped at step {info['steps']} of at most {total}: {why}")
     return {n: a.detach() for n, a in zip(names, params)}, info
 
 
@@ -218,7 +328,7 @@ def cts(ctx: SearchContext) -> SearchResult:
     def overrides(soft):
         return {n: weights[n] * soft[n].to(weights[n].dtype) for n in soft}
 
-    trained, info = concrete_search(ctx, logits, costs, float(keep), overrides)
+    trained, info = concrete_search(ctx, logits, costs, float(keep), overrides, keep=keep)
     mask = global_topk(trained, keep)
     info.update({"method": "cts", "kept": mask.kept, "total": total, **start.info})
     return SearchResult(model=ctx.model, mask=mask, info=info, scores=trained, schedule=start.schedule)

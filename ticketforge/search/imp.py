@@ -2,12 +2,13 @@
 prunable weights by global magnitude, then retrains the survivors; rounds repeat until the target
 sparsity, the last round landing exactly on it.
 
-- search.start trained: learning-rate rewinding (Renda et al. 2020). The weights are kept, the
-  learning-rate schedule restarts every round and runs `search.epochs` epochs (lr and optimizer of
-  the `finetune` section).
-- search.start rewind / init: the lottery ticket procedure (Frankle & Carbin 2018; Frankle et al.
-  2019). The dense network is trained from the start point for the rest of the `train` schedule;
-  each round the survivors are reset to the start-point weights and retrained with that schedule.
+- search.start trained: learning-rate rewinding (Renda et al. 2020). The weights are kept; every
+  round replays the last `search.epochs` epochs of the `train` schedule (the schedule the model was
+  trained with: SGD, train.lr, cosine over train.epochs), learning rates included.
+- search.start rewind / init: lottery ticket rewinding (Frankle & Carbin 2018; Frankle et al.
+  2019). The dense network is trained from the start point (train.rewind_steps, an iteration, or
+  train.rewind_epochs) for the rest of the `train` schedule; each round the survivors are reset to
+  the start-point weights and retrained for the whole rest of that schedule.
 
 Every finished round is saved (mask and weights) in the run's work folder, and a re-run of the same
 command continues after the last finished round, as open_lth's runner does: each step returns
@@ -79,9 +80,14 @@ class _Trainer:
 
     def __init__(self, ctx: SearchContext, schedule: Schedule | None):
         self.ctx = ctx
-        if schedule is None:  # a fresh schedule of search.epochs each round, at the fine-tune's lr
+        tr = ctx.recipe.train
+        if schedule is None:  # learning-rate rewinding: the last search.epochs of the `train` schedule, replayed
             epochs = max(1, int(round(ctx.recipe.search.epochs)))
-            schedule = dataclasses.replace(Schedule.finetune(ctx.recipe), epochs=epochs)
+            if epochs > tr.epochs:
+                raise UserError(f"recipe: IMP with learning-rate rewinding replays the last search.epochs ({epochs}) "
+                                f"of the train schedule's train.epochs ({tr.epochs}); raise train.epochs or lower "
+                                "search.epochs")
+            schedule = Schedule.rest_of_training(ctx.recipe, tr.epochs - epochs)
         self.schedule = schedule
         self.kw = schedule.train_kwargs()
         self.batch_size = schedule.batch_size
@@ -103,7 +109,14 @@ def imp(ctx: SearchContext) -> SearchResult:
     total = sum(w.numel() for w in prunable(ctx.model).values())
     if total == 0:
         raise UserError("IMP: the model has no prunable Conv or Linear weights")
-    plan = schedule(total, cfg.sparsity, cfg.prune_fraction)
+    return lottery(ctx, schedule(total, cfg.sparsity, cfg.prune_fraction))
+
+
+def lottery(ctx: SearchContext, plan: list[int]) -> SearchResult:
+    """The IMP rounds for a plan of kept counts (one per round). `imp` plans 20% of the remaining
+    weights per round; a benchmark may insert its intermediate targets as extra rounds to read
+    several sparsities off one trajectory."""
+    cfg = ctx.recipe.search
     work = ctx.workdir
     done = 0
     if work is not None:
@@ -113,7 +126,11 @@ def imp(ctx: SearchContext) -> SearchResult:
     rows: list[dict] = []
     rewinding = cfg.start != "trained"
     if not rewinding:
-        model, info, train_round = ctx.model, {"start": "trained", "retrain": "learning-rate rewinding"}, _Trainer(ctx, {})
+        train_round = _Trainer(ctx, None)
+        kw = train_round.kw
+        model, info = ctx.model, {"start": "trained", "retrain": (
+            f"learning-rate rewinding: epochs {kw['start_epoch']}-{kw['total_epochs']} of the train schedule "
+            "replayed each round")}
     else:
         # Round 0 of the lottery procedure: the dense network trained from the start point to the
         # end of the schedule; the start point is what every round rewinds to.
@@ -122,7 +139,7 @@ def imp(ctx: SearchContext) -> SearchResult:
             saved = _load(dense_file)
             model = start_mod.fresh_model(ctx)
             model.load_state_dict(saved["trained"])
-            train_round = _Trainer(ctx, Schedule.rest_of_training(ctx.recipe, start_mod.rewind_epochs(ctx) if cfg.start == "rewind" else 0))
+            train_round = _Trainer(ctx, start_mod.rest_of_training(ctx, start_mod.rewind_step(ctx) if cfg.start == "rewind" else 0))
             ctx.ui.log("resuming: the dense training is already done, skipped")
         else:
             sp = start_mod.starting_point(ctx)

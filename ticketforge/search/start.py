@@ -3,8 +3,8 @@
 - trained: the user's trained weights; the ticket is then fine-tuned ("Lottery Jackpots Exist in
   Pre-trained Models": good sparse subnetworks already sit inside trained weights).
 - rewind: the CTS paper's setting. Re-initialise the architecture, train it for
-  `train.rewind_epochs` epochs of the `train` schedule, search there, and retrain the ticket from
-  those weights for the rest of the same schedule (the learning-rate schedule continues, it does
+  `train.rewind_steps` optimizer steps (or `train.rewind_epochs` epochs) of the `train` schedule,
+  search there, and retrain the ticket from those weights for the rest of the same schedule (the learning-rate schedule continues, it does
   not restart).
 - init: search at a fresh initialisation, then train the ticket with the full `train` schedule.
 """
@@ -41,13 +41,27 @@ def fresh_model(ctx: SearchContext, seed: int | None = None) -> nn.Module:
     return model.to(ctx.device).eval()
 
 
-def rewind_epochs(ctx: SearchContext) -> int:
+def steps_per_epoch(ctx: SearchContext) -> int:
+    return len(loader(ctx.data.train, ctx.recipe.train.batch_size, shuffle=True, seed=ctx.seed))
+
+
+def rest_of_training(ctx: SearchContext, start_step: int) -> Schedule:
+    """The `train` schedule from optimizer step `start_step` to its end."""
+    epoch, within = divmod(start_step, steps_per_epoch(ctx))
+    return Schedule.rest_of_training(ctx.recipe, epoch, within)
+
+
+def rewind_step(ctx: SearchContext) -> int:
+    """The rewind point, in optimizer steps of the `train` schedule: train.rewind_steps, or else
+    train.rewind_epochs (fractions allowed) worth of steps."""
     tr = ctx.recipe.train
-    k = int(round(tr.rewind_epochs))
-    if k >= tr.epochs:
-        raise UserError(f"recipe: train.rewind_epochs ({tr.rewind_epochs:g}) must be less than train.epochs "
-                        f"({tr.epochs}): the ticket is retrained for the rest of the schedule")
-    return k
+    spe = steps_per_epoch(ctx)
+    step = tr.rewind_steps if tr.rewind_steps > 0 else int(round(tr.rewind_epochs * spe))
+    if step >= tr.epochs * spe:
+        key = "rewind_steps" if tr.rewind_steps > 0 else "rewind_epochs"
+        raise UserError(f"recipe: train.{key} ({getattr(tr, key):g}) must end before train.epochs ({tr.epochs}, "
+                        f"{tr.epochs * spe} steps): the ticket is retrained for the rest of the schedule")
+    return step
 
 
 def starting_point(ctx: SearchContext) -> StartPoint:
@@ -59,17 +73,17 @@ def starting_point(ctx: SearchContext) -> StartPoint:
                         "(a built-in name or package.module:callable)")
     model = fresh_model(ctx)
     if start == "init":
-        return StartPoint(model=model, schedule=Schedule.rest_of_training(ctx.recipe, 0),
+        return StartPoint(model=model, schedule=rest_of_training(ctx, 0),
                           info={"start": "init", "train_epochs": ctx.recipe.train.epochs})
     tr = ctx.recipe.train
-    k = rewind_epochs(ctx)
-    info = {"start": "rewind", "rewind_epochs": k, "train_epochs": tr.epochs}
-    if k != tr.rewind_epochs:
-        info["notes"] = [f"train.rewind_epochs {tr.rewind_epochs:g} rounded to {k} whole epochs"]
+    k = rewind_step(ctx)
+    spe = steps_per_epoch(ctx)
+    info = {"start": "rewind", "rewind_step": k, "rewind_epochs": k / spe, "train_epochs": tr.epochs}
     if k:
         data = loader(ctx.data.train, tr.batch_size, shuffle=True, seed=ctx.seed)
-        finetune.train(model, data, epochs=k, lr=tr.lr, device=ctx.device, optimizer="sgd",
+        finetune.train(model, data, epochs=-(-k // spe), max_steps=k, lr=tr.lr, device=ctx.device, optimizer="sgd",
                        momentum=tr.momentum, weight_decay=tr.weight_decay, total_epochs=tr.epochs,
-                       grad_clip=ctx.recipe.finetune.grad_clip, ui=ctx.ui, desc=f"rewind: train {k} of {tr.epochs} epochs")
+                       grad_clip=ctx.recipe.finetune.grad_clip, ui=ctx.ui,
+                       desc=f"rewind: train {k} of {tr.epochs * spe} steps")
     model.eval()
-    return StartPoint(model=model, schedule=Schedule.rest_of_training(ctx.recipe, k), info=info)
+    return StartPoint(model=model, schedule=rest_of_training(ctx, k), info=info)

@@ -55,6 +55,10 @@ class Structure:
             raise UserError(f"recipe: convert.structure '{self.name}' takes tickets of the search methods "
                             f"{', '.join(self.methods)}; got search.method '{recipe.search.method}'")
 
+    def search_keys(self, method: str) -> tuple[str, ...]:
+        """The `search` keys this structure reads with `method` (its budget)."""
+        return self.budget_keys
+
     def budget(self, recipe: "Recipe") -> str:
         """The budget in words, for the log."""
         return ", ".join(f"{k} {getattr(recipe.search, k):g}" for k in self.budget_keys) or "fixed"
@@ -92,7 +96,7 @@ def fewer_weights(onnx_path, dense_onnx_path, what: str) -> None:
     from ticketforge.errors import VerificationError
     from ticketforge.validate import onnx_stats
 
-    ours, dense = onnx_stats(onnx_path)["weights"], onnx_stats(dense_onnx_path)["weights"]
+    ours, dense = (onnx_stats(p, count_macs=False)["weights"] for p in (onnx_path, dense_onnx_path))
     if ours >= dense:
         raise VerificationError(f"{what} (model.onnx holds {ours:,} weights, dense.onnx {dense:,})")
 

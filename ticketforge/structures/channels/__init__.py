@@ -18,6 +18,10 @@ class Channels(Structure):
     sweep_key = "target_macs"
     convert_keys = ("round_to",)
 
+    def search_keys(self, method: str) -> tuple[str, ...]:
+        # a weight-level ticket has its own sparsity, then channels meet target_macs
+        return self.budget_keys + (("sparsity",) if method in WEIGHT_METHODS else ())
+
     def budget(self, recipe) -> str:
         return f"target MACs {recipe.search.target_macs:g} of dense"
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from ticketforge.errors import VerificationError
 from ticketforge.masks import Mask, prunable
+from ticketforge.sparse_storage import load_dense
 
 N, M = 2, 4
 
@@ -107,7 +108,7 @@ def onnx_weights(path: str | Path) -> list[tuple[str, np.ndarray]]:
     constant weight. The legacy exporter folds BatchNorm into conv weights (a per-output-channel
     scale: zeros stay zeros) and stores a Linear as MatMul with the weight as (in, out), or as
     Gemm with or without transB."""
-    model = onnx.load(str(path))
+    model = load_dense(path)  # a weight stored as a sparse initializer is read as the tensor it stands for
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
     out = []
