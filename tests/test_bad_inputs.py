@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -288,7 +289,9 @@ def _fields():
 FIELDS = _fields()
 LIST_VALUES = {"export.targets": st.lists(st.sampled_from(["onnx", "tensorrt"]), min_size=1, max_size=2),
                "export.trt_batch": st.lists(st.integers(1, 4096), min_size=3, max_size=3).map(sorted),
-               "validate.latency_batches": st.lists(st.integers(1, 4096), min_size=1, max_size=4)}
+               "validate.latency_batches": st.lists(st.integers(1, 4096), min_size=1, max_size=4),
+               "data.mean": st.lists(st.floats(-10, 10), min_size=3, max_size=3),
+               "data.std": st.lists(st.floats(1e-3, 10), min_size=3, max_size=3)}
 
 
 def _valid(key, tp, meta):
@@ -461,8 +464,8 @@ def _patch_exporter(monkeypatch, spoil):
     """Export for real, then spoil model.onnx (never dense.onnx) the way a broken exporter would."""
     real = export_stage.export_onnx
 
-    def export_onnx(model, example, path, cfg):
-        real(model, example, path, cfg)
+    def export_onnx(model, example, path, cfg, *rest):
+        real(model, example, path, cfg, *rest)
         if Path(path).name == "model.onnx":
             m = onnx.load(str(path))
             spoil(m)
@@ -509,3 +512,139 @@ def test_verification_parity_tolerance_end_to_end():
     # A tolerance below float32 rounding: the measured difference is reported, exit 1.
     code, lines = in_subprocess(*MODEL, "--data", "data.npz", *FAST, "--set", "validate.parity_tol=1e-30")
     assert code == 1 and len(lines) == 1 and "max abs logit difference" in lines[0] and "1e-30" in lines[0]
+
+
+# ============================================================== HF folders, .safetensors, token ids, image folders,
+# ============================================================== what a model returns (issue 12)
+
+def _tiny_bert(folder="bert-hf"):
+    """A 2-layer DistilBERT with a 50-token vocabulary, saved with save_pretrained, and token-id data."""
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = T.DistilBertForSequenceClassification(T.DistilBertConfig(
+        vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32, num_labels=10, max_position_embeddings=16))
+    model.save_pretrained(folder)
+    rng = np.random.default_rng(0)
+    np.savez("tok.npz", x=rng.integers(1, 50, (48, 12)), y=np.arange(48) % 10)
+    return model
+
+
+def test_hf_folder_without_config_or_weights():
+    Path("plain").mkdir()
+    refused(compress("plain"), "plain", "not a Hugging Face save_pretrained folder", "no config.json")
+    _tiny_bert()
+    os.remove("bert-hf/model.safetensors")
+    refused(compress("bert-hf", data="tok.npz"), "bert-hf", "no weights", "model.safetensors")
+
+
+def test_hf_folder_config_that_names_no_usable_class():
+    _tiny_bert()
+    cfg = json.loads(Path("bert-hf/config.json").read_text())
+    Path("bert-hf/config.json").write_text(json.dumps({**cfg, "architectures": ["NoSuchModelForThings"]}))
+    refused(compress("bert-hf", data="tok.npz"), "NoSuchModelForThings", "does not have")
+    Path("bert-hf/config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "architectures"}))
+    refused(compress("bert-hf", data="tok.npz"), "names no architectures")
+    Path("bert-hf/config.json").write_text("{not json")
+    refused(compress("bert-hf", data="tok.npz"), "config.json does not load")
+
+
+def test_hf_folder_weights_that_do_not_fit_the_config():
+    _tiny_bert()
+    cfg = json.loads(Path("bert-hf/config.json").read_text())
+    Path("bert-hf/config.json").write_text(json.dumps({**cfg, "hidden_dim": 64}))
+    refused(compress("bert-hf", data="tok.npz"), "bert-hf", "do not", "DistilBertForSequenceClassification")
+
+
+def test_hf_folder_with_pickled_weights_needs_trust_pickle():
+    model = _tiny_bert()
+    os.remove("bert-hf/model.safetensors")  # the older format, as transformers 4 wrote it by default
+    torch.save(model.state_dict(), "bert-hf/pytorch_model.bin")
+    refused(compress("bert-hf", data="tok.npz"), "pytorch_model.bin", "a pickle", "--trust-pickle")
+
+
+def test_hf_folder_without_transformers_names_the_extra(monkeypatch):
+    _tiny_bert()
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what `import transformers` sees when it is absent
+    refused(compress("bert-hf", data="tok.npz"), "transformers", "pip install 'ticketforge[hf]'")
+
+
+def test_safetensors_state_dict():
+    from safetensors.torch import save_file
+    save_file(digits_resnet(width=4).state_dict(), "model.safetensors")
+    refused(compress("model.safetensors"), "model.safetensors", "--arch")
+    refused(compress("model.safetensors", "--arch", "digits-resnet", "--arch-kwargs", '{"width": 8}'),
+            "does not fit", "shape mismatch")
+    Path("cut.safetensors").write_bytes(Path("model.safetensors").read_bytes()[:100])
+    refused(compress("cut.safetensors", "--arch", "digits-resnet"), "cut.safetensors", "not a readable .safetensors")
+
+
+def test_token_ids_that_are_not_valid():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 50, (48, 12))
+    np.savez("neg.npz", x=ids - 60, y=np.arange(48) % 10)
+    refused(compress(*MODEL, data="neg.npz"), "token ids", "negative")
+    np.savez("mask.npz", x=ids, y=np.arange(48) % 10, attention_mask=np.ones((48, 11), np.int64))
+    refused(compress(*MODEL, data="mask.npz"), "attention_mask", "same shape as x (48, 12)")
+    np.savez("mask2.npz", x=np.zeros((48, 1, 8, 8), np.float32), y=np.arange(48) % 10,
+             attention_mask=np.ones((48, 12), np.int64))
+    refused(compress(*MODEL, data="mask2.npz"), "attention_mask goes with token ids")
+    np.savez("mask3.npz", x=ids, y=np.arange(48) % 10, attention_mask=np.ones((48, 12), np.int64),
+             x_val=ids[:8], y_val=np.arange(8))
+    refused(compress(*MODEL, data="mask3.npz"), "attention_mask_val")
+
+
+def _images(root, classes=("a", "b"), n=3, size=(10, 12)):
+    from PIL import Image
+    for c in classes:
+        Path(root, c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(np.full((*size, 3), 40 * i, np.uint8)).save(Path(root, c, f"{i}.png"))
+
+
+def test_image_folder_layouts_that_are_refused():
+    Path("imgs").mkdir()
+    refused(compress(*MODEL, data="imgs"), "imgs", "no class folders", "imgs/train/<class>")
+    _images("imgs/train")
+    Path("imgs/train/empty").mkdir()
+    refused(compress(*MODEL, data="imgs"), "class folder", "empty", "has no images")
+    Path("imgs/train/empty").rmdir()
+    _images("imgs/val", classes=("a", "zebra"))
+    refused(compress(*MODEL, data="imgs"), "validation classes ['zebra']", "no training folder")
+
+
+def test_image_folder_with_a_file_that_is_not_an_image():
+    _images("imgs")
+    Path("imgs/a/notes.png").write_text("not a png")
+    refused(compress(*MODEL, data="imgs"), "notes.png", "not a readable image")
+    os.remove("imgs/a/notes.png")
+    from PIL import Image
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save("big.png")
+    png = Path("big.png").read_bytes()
+    Path("imgs/a/cut.png").write_bytes(png[: len(png) // 2])  # the header reads, the pixels do not
+    refused(compress(*MODEL, data="imgs", *["--set", "data.resize=8", "--set", "data.crop=8"]),
+            "cut.png", "does not decode")
+
+
+def test_image_folder_bad_recipe_values():
+    _images("imgs")
+    refused(compress(*MODEL, "--set", "data.crop=300", data="imgs"), "'data.crop'", "'data.resize'")
+    refused(compress(*MODEL, "--set", "data.std=[0.2, 0, 0.2]", data="imgs"), "'data.std'", "each > 0")
+
+
+def test_model_output_without_logits():
+    Path("tf_out_models.py").write_text(textwrap.dedent("""
+        import torch
+        class Dict(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = torch.nn.Linear(64, 10)
+            def forward(self, x):
+                return {"scores": self.fc(x.flatten(1))}
+        class Nested(Dict):
+            def forward(self, x):
+                return ([self.fc(x.flatten(1))],)
+    """))
+    torch.save({"fc.weight": torch.zeros(10, 64), "fc.bias": torch.zeros(10)}, "fc.pt")
+    refused(compress("fc.pt", "--arch", "tf_out_models:Dict"), "must return logits", "dict without 'logits'",
+            "keys: scores")
+    refused(compress("fc.pt", "--arch", "tf_out_models:Nested"), "must return logits", "tuple whose first element")

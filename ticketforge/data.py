@@ -1,7 +1,8 @@
-"""The user's data: `digits` (bundled with scikit-learn), a .npz file, or a Python callable."""
+"""The user's data: `digits` (bundled with scikit-learn), a .npz file, an image folder
+(ticketforge.images), or a Python callable."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +18,32 @@ class DataBundle:
     train: Dataset
     val: Dataset
     spec: str
+    # The model's inputs, as the exported ONNX names them. Token ids with an attention mask travel
+    # packed as one int64 sample (2, L), ids then mask (see ticketforge.adapt).
+    inputs: list[str] = field(default_factory=lambda: ["input"])
+    info: dict = field(default_factory=dict)  # for the report (an image folder's classes and cache)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one sample (no batch axis)."""
         return tuple(self.train[0][0].shape)
 
+    @property
+    def graph_input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample of the exported model's first input: packed token ids and mask are
+        two inputs there, each (L,)."""
+        return self.input_shape[1:] if len(self.inputs) == 2 else self.input_shape
+
     def example(self, n: int = 2) -> torch.Tensor:
         return torch.stack([self.val[i][0] for i in range(min(n, len(self.val)))])
 
 
-def _to_tensors(x: np.ndarray, y: np.ndarray, where: str) -> TensorDataset:
+def _token_ids(x: np.ndarray) -> bool:
+    """An integer N x L array other than uint8 (which is pixels) holds token ids."""
+    return x.ndim == 2 and np.issubdtype(x.dtype, np.integer) and x.dtype != np.uint8
+
+
+def _to_tensors(x: np.ndarray, y: np.ndarray, where: str, mask: np.ndarray | None = None) -> TensorDataset:
     if x.ndim < 2:
         raise UserError(f"{where}: x must be N x F or N x C x H x W, got shape {x.shape}")
     if len(x) != len(y):
@@ -39,7 +55,19 @@ def _to_tensors(x: np.ndarray, y: np.ndarray, where: str) -> TensorDataset:
             y = y.astype(np.int64)
         else:
             raise UserError(f"{where}: y must be a 1-D array of integer class labels, got {y.dtype} {y.shape}")
-    if np.issubdtype(x.dtype, np.uint8):
+    if _token_ids(x):  # used as they are: int64, never scaled
+        if (x < 0).any():
+            raise UserError(f"{where}: x holds token ids (an integer N x L array) but some are negative")
+        xt = torch.from_numpy(x.astype(np.int64))
+        if mask is not None:
+            if mask.shape != x.shape or not np.isin(mask, (0, 1)).all():
+                raise UserError(f"{where}: attention_mask must be 0/1 of the same shape as x {x.shape}, "
+                                f"got {mask.dtype} {mask.shape}")
+            xt = torch.stack((xt, torch.from_numpy(mask.astype(np.int64))), 1)
+    elif mask is not None:
+        raise UserError(f"{where}: an attention_mask goes with token ids (x an integer N x L array), "
+                        f"but x is {x.dtype} {x.shape}")
+    elif np.issubdtype(x.dtype, np.uint8):
         xt = torch.from_numpy(x.astype(np.float32) / 255.0)
     elif np.issubdtype(x.dtype, np.number):
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
@@ -67,7 +95,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return (d.images[:, None] / 16.0).astype(np.float32), d.target.astype(np.int64)
 
 
-def _npz(path: Path) -> tuple[TensorDataset, TensorDataset | None]:
+def _npz(path: Path) -> tuple[TensorDataset, TensorDataset | None, list[str]]:
     if not path.is_file():
         raise UserError(f"data file {path} does not exist")
     try:
@@ -78,19 +106,24 @@ def _npz(path: Path) -> tuple[TensorDataset, TensorDataset | None]:
     missing = [k for k in ("x", "y") if k not in names]
     if missing:
         raise UserError(f"data file {path} lacks array(s) {', '.join(missing)} (has: {', '.join(sorted(names)) or 'none'})")
+    masked = "attention_mask" in names
+    if ("attention_mask_val" in names) != (masked and "x_val" in names):
+        raise UserError(f"data file {path}: give attention_mask_val with x_val exactly when there is an attention_mask")
     try:
-        train = _to_tensors(arrays["x"], arrays["y"], f"{path} (x, y)")
+        train = _to_tensors(arrays["x"], arrays["y"], f"{path} (x, y)", arrays["attention_mask"] if masked else None)
         val = None
         if "x_val" in names or "y_val" in names:
             if not {"x_val", "y_val"} <= names:
                 raise UserError(f"data file {path}: give both x_val and y_val, or neither")
-            val = _to_tensors(arrays["x_val"], arrays["y_val"], f"{path} (x_val, y_val)")
+            val = _to_tensors(arrays["x_val"], arrays["y_val"], f"{path} (x_val, y_val)",
+                              arrays["attention_mask_val"] if masked else None)
     except ValueError as exc:  # object arrays refused by allow_pickle=False
         raise UserError(f"data file {path}: {exc}") from None
-    if val is not None and val.tensors[0].shape[1:] != train.tensors[0].shape[1:]:
-        raise UserError(f"data file {path}: x_val samples have shape {tuple(val.tensors[0].shape[1:])}, "
-                        f"x has {tuple(train.tensors[0].shape[1:])}")
-    return train, val
+    if val is not None and (val.tensors[0].shape[1:] != train.tensors[0].shape[1:]
+                            or val.tensors[0].dtype != train.tensors[0].dtype):
+        raise UserError(f"data file {path}: x_val samples are {val.tensors[0].dtype} {tuple(val.tensors[0].shape[1:])}, "
+                        f"x has {train.tensors[0].dtype} {tuple(train.tensors[0].shape[1:])}")
+    return train, val, ["input", "attention_mask"] if masked else ["input"]
 
 
 def _callable(spec: str):
@@ -108,28 +141,42 @@ def _callable(spec: str):
     return train, val
 
 
-def load_data(spec: str, val_fraction: float = 0.1, seed: int = 0) -> DataBundle:
+def load_data(spec: str, val_fraction: float = 0.1, seed: int = 0, cfg=None) -> DataBundle:
+    """`cfg`: the recipe's `data` section (how an image folder is read); defaults when None."""
     if not 0 < val_fraction < 1:
         raise UserError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    inputs, info = ["input"], {}
     if spec == "digits":
         x, y = _digits()
         train, val = TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), None
     elif spec.endswith(".npz") or Path(spec).is_file():
-        train, val = _npz(Path(spec))
+        train, val, inputs = _npz(Path(spec))
+    elif Path(spec).is_dir():
+        from ticketforge import images
+        from ticketforge.recipe import DataConfig
+
+        train, val, info = images.load(Path(spec), cfg or DataConfig())
     elif ":" in spec:
         train, val = _callable(spec)
     else:
-        raise UserError(f"--data {spec!r}: expected 'digits', a .npz file, or package.module:callable")
+        raise UserError(f"--data {spec!r}: expected 'digits', a .npz file, an image folder, or package.module:callable")
     if val is None:
         train, val = _split(train, val_fraction, seed)
-    return DataBundle(train=train, val=val, spec=spec)
+    return DataBundle(train=train, val=val, spec=spec, inputs=inputs, info=info)
+
+
+def _base(ds: Dataset) -> tuple[Dataset, torch.Tensor | None]:
+    """The dataset under a Subset, and the Subset's indices (None when `ds` is no Subset)."""
+    if isinstance(ds, Subset):
+        return ds.dataset, torch.as_tensor(ds.indices)
+    return ds, None
 
 
 def labels_of(ds: Dataset) -> torch.Tensor:
-    if isinstance(ds, TensorDataset):
-        return ds.tensors[1]
-    if isinstance(ds, Subset) and isinstance(ds.dataset, TensorDataset):
-        return ds.dataset.tensors[1][torch.as_tensor(ds.indices)]
+    base, idx = _base(ds)
+    labels = base.tensors[1] if isinstance(base, TensorDataset) else getattr(base, "targets", None)
+    if isinstance(labels, torch.Tensor):  # without reading (or decoding) every sample
+        return labels if idx is None else labels[idx]
     return torch.as_tensor([int(ds[i][1]) for i in range(len(ds))])
 
 
@@ -152,9 +199,12 @@ def loader(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, d
         sampler = distributed.sampler(ds, shuffle=True, seed=seed)
         batch_size = distributed.per_rank_batch(batch_size)
     gen = torch.Generator().manual_seed(seed) if shuffle and sampler is None else None
+    options = device_mod.loader_options(_LOADER_DEVICE, distributed.world_size())
+    decoders = getattr(_base(ds)[0], "loader_workers", lambda: 0)()  # images beyond the decode cache
+    if decoders and not options.get("num_workers"):
+        options = {**options, "num_workers": decoders}
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, generator=gen,
-                      drop_last=drop_last and len(ds) > batch_size, sampler=sampler,
-                      **device_mod.loader_options(_LOADER_DEVICE, distributed.world_size()))
+                      drop_last=drop_last and len(ds) > batch_size, sampler=sampler, **options)
 
 
 _SPATIAL = {torch.nn.Conv1d: ("L",), torch.nn.Conv2d: ("H", "W"), torch.nn.Conv3d: ("D", "H", "W")}

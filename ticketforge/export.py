@@ -34,7 +34,22 @@ def quiet_exporter():
             lg.setLevel(lvl)
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: ExportConfig) -> Path:
+class SplitInputs(nn.Module):
+    """Token ids and attention mask as two graph inputs, named as the data names them; inside, they
+    are packed (N, 2, L) as everywhere else, and the model's hook unpacks them (ticketforge.adapt)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input, attention_mask):
+        return self.model(torch.stack((input, attention_mask), 1))
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: ExportConfig,
+                inputs: list[str] | tuple[str, ...] = ("input",)) -> Path:
+    """`inputs`: the graph's input names, ticketforge.data.DataBundle.inputs (the model's output is
+    always one tensor named `logits`)."""
     path = Path(path)
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats for m in model.modules()):
         # torch's exporters cannot write batch statistics at inference, and a deployed model runs at batch 1.
@@ -43,16 +58,21 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
                         "'{\"running_stats\": true}') to export it")
     model = copy.deepcopy(model).cpu().eval()
     example = example.cpu()
+    args = (example,)
+    if len(inputs) == 2:
+        model, args = SplitInputs(model), (example[:, 0], example[:, 1])
+    names = list(inputs)
     try:
         with quiet_exporter(), torch.no_grad():
             if cfg.exporter == "dynamo":
-                torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False,
-                                  input_names=["input"], output_names=["logits"], opset_version=max(cfg.opset, 18),
-                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+                batch = torch.export.Dim("batch")
+                torch.onnx.export(model, args, str(path), dynamo=True, external_data=False,
+                                  input_names=names, output_names=["logits"], opset_version=max(cfg.opset, 18),
+                                  dynamic_shapes=tuple({0: batch} for _ in args))
             else:
-                torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"],
+                torch.onnx.export(model, args, str(path), dynamo=False, input_names=names,
                                   output_names=["logits"], opset_version=cfg.opset, do_constant_folding=True,
-                                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+                                  dynamic_axes={**{n: {0: "batch"} for n in names}, "logits": {0: "batch"}})
     except Exception as exc:
         raise UserError(f"ONNX export ({cfg.exporter}) failed: {type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None

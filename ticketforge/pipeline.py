@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import ticketforge
-from ticketforge import data as data_stage, device as device_mod, distributed, gate as gate_stage, latency, steps
+from ticketforge import adapt, data as data_stage, device as device_mod, distributed, gate as gate_stage, latency, steps
 from ticketforge import structures
 from ticketforge import report as report_stage
 from ticketforge.data import DataBundle, check_against_model, load_data
@@ -97,7 +97,8 @@ def load_inputs(job: Job) -> tuple[LoadedModel, DataBundle, int]:
     spec = job.data or loaded.data
     if spec is None:
         raise UserError("no data: pass --data (digits, a .npz file, or package.module:callable)")
-    bundle = load_data(spec, job.val_fraction, job.seed)
+    bundle = load_data(spec, job.val_fraction, job.seed, job.recipe.data)
+    loaded.io = adapt.fit(loaded.model, bundle.inputs, bundle.example(2))
     classes = check_against_model(bundle, loaded.model)
     return loaded, bundle, classes
 
@@ -133,6 +134,11 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
     ui.log(f"loaded {job.model_path} ({loaded.kind}), data {bundle.spec}: {len(bundle.train)} train / "
            f"{len(bundle.val)} validation samples, {classes} classes; device {device}"
            + (f"; {world} processes, each batch split {world} ways" if world > 1 else ""))
+    if bundle.info.get("images"):
+        ui.log(f"image folder: {bundle.info['images']} images in {len(bundle.info['classes'])} classes, "
+               f"{bundle.info['cached']} decoded into memory ({bundle.info['cache_mb']} MiB) in {bundle.info['decode_seconds']} s")
+    if loaded.io.get("output", "tensor") != "tensor":
+        ui.log(f"model output: logits taken from {loaded.io['output']}")
     common = {"seed": job.seed, "model": Path(job.model_path), "arch": loaded.arch,
               "arch_kwargs": loaded.arch_kwargs, "data": bundle.spec, "val_fraction": job.val_fraction,
               "ticketforge": ticketforge.__version__}
@@ -195,9 +201,13 @@ def build_report(job: Job, run: steps.Run, runner: Runner, classes: int, key: st
         "seed": job.seed,
         "device": str(run.device),
         "model": {"path": str(job.model_path), "kind": run.loaded.kind, "arch": run.loaded.arch,
-                  "conversions_before": [c["structure"] for c in run.loaded.conversions]},
+                  "conversions_before": [c["structure"] for c in run.loaded.conversions],
+                  "output": run.loaded.io.get("output", "tensor"),
+                  **({"hf_class": type(run.dense_copy).__name__} if run.loaded.hf_config else {})},
         "data": {"spec": run.bundle.spec, "train": len(run.bundle.train), "val": len(run.bundle.val),
-                 "input_shape": list(run.bundle.input_shape), "classes": classes},
+                 "input_shape": list(run.bundle.input_shape), "inputs": run.bundle.inputs, "classes": classes,
+                 **({"image_folder": {k: v for k, v in run.bundle.info.items() if k != "classes"}}
+                    if run.bundle.info else {})},
         "search": _plain(found.info),
         "convert": _plain(conv.info),
         "sparsity": {"target": found.info.get("target_sparsity", run.structure.target_sparsity(recipe)),
@@ -205,7 +215,9 @@ def build_report(job: Job, run: steps.Run, runner: Runner, classes: int, key: st
                      "per_layer": mask.per_layer() if mask is not None else {}},
         "params": {"dense": m["dense"]["params_nonzero"], "compressed": m["compressed"]["params_nonzero"],
                    "dense_weights": m["dense"]["weights"], "compressed_weights": m["compressed"]["weights"]},
-        "macs": {"dense": m["dense"]["macs"], "compressed": m["compressed"]["macs"]},
+        "macs": {"dense": m["dense"]["macs"], "compressed": m["compressed"]["macs"],
+                 **({"unknown": m["dense"]["macs_unknown"] or m["compressed"]["macs_unknown"]}
+                    if m["dense"]["macs"] is None or m["compressed"]["macs"] is None else {})},
         "size_mb": {"dense": m["dense"]["size_mb"], "compressed": m["compressed"]["size_mb"]},
         "size": m["size"],
         "accuracy": {"dense": run.dense_accuracy, "compressed": run.accuracy, "onnx": m["onnx_accuracy"],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -135,6 +136,19 @@ class GateConfig:
 
 
 @dataclass
+class DataConfig:
+    """How an image folder (--data DIR) becomes tensors; other data is used as given."""
+
+    resize: int = opt(224, "image folders: resize the shorter side to this many pixels", lo=1)
+    crop: int = opt(224, "image folders: then center-crop a square of this size (at most resize)", lo=1)
+    mean: list = opt([0.485, 0.456, 0.406], "image folders: per-channel (RGB) mean subtracted after scaling to [0, 1]")
+    std: list = opt([0.229, 0.224, 0.225], "image folders: per-channel (RGB) standard deviation divided by")
+    cache_mb: int = opt(2048, "image folders: decoded images kept in memory, at most this many MiB", lo=0)
+    workers: int = opt(2, "image folders: threads decoding into the cache, and loader processes for what "
+                       "does not fit it", lo=0)
+
+
+@dataclass
 class Recipe:
     name: str = opt("custom", "recipe name")
     description: str = opt("", "one line for `ticketforge recipes`")
@@ -145,6 +159,7 @@ class Recipe:
     export: ExportConfig = field(default_factory=ExportConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -201,6 +216,11 @@ def _coerce(path: str, value: Any, tp, meta: dict) -> Any:
         if path == "validate.latency_batches" and (not value or not all(isinstance(v, int) and not isinstance(v, bool)
                                                                         and v >= 1 for v in value)):
             raise UserError(f"recipe key '{path}': expected a list of positive batch sizes, got {value!r}")
+        if path in ("data.mean", "data.std") and (
+                len(value) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                           and math.isfinite(v) and (v > 0 or path == "data.mean") for v in value)):
+            raise UserError(f"recipe key '{path}': expected 3 finite numbers (R, G, B){', each > 0' if path == 'data.std' else ''}, "
+                            f"got {value!r}")
         return value
     choices = meta.get("choices")
     if choices and value not in choices:
@@ -267,6 +287,9 @@ def validate(data: dict) -> Recipe:
     for key in data.get("convert") or {}:
         if key != "structure" and key not in structure.convert_keys:
             raise UserError(f"recipe key 'convert.{key}' is not used by structure '{structure.name}'; remove it")
+    if recipe.data.crop > recipe.data.resize:
+        raise UserError(f"recipe keys 'data.crop' and 'data.resize': the center crop ({recipe.data.crop}) must fit in "
+                        f"the resized image ({recipe.data.resize})")
     if recipe.search.start not in method.starts:
         raise UserError(f"recipe key 'search.start': search method '{method.name}' searches the trained weights "
                         f"only ({', '.join(method.starts)}); got '{recipe.search.start}'")

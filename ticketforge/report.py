@@ -14,6 +14,11 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
+def macs_text(value, section: dict) -> str:
+    """A MAC count, or "unknown (why)": a count that could not be made is never shown as 0."""
+    return f"{value:,}" if value is not None else f"unknown ({section.get('unknown', 'not counted')})"
+
+
 def _mb(n: int) -> str:
     return f"{n / 2 ** 20:.3f} MB"
 
@@ -80,7 +85,7 @@ def to_markdown(r: Report) -> str:
         f"| accuracy (torch) | {_pct(acc['dense'])} | {_pct(acc['compressed'])} |",
         f"| accuracy (ONNX Runtime, exported) | {_pct(acc.get('dense_onnx'))} | {_pct(acc['onnx'])} |",
         f"| non-zero parameters | {r.params['dense']:,} | {r.params['compressed']:,} |",
-        f"| MACs per sample | {r.macs['dense']:,} | {r.macs['compressed']:,} |",
+        f"| MACs per sample | {macs_text(r.macs['dense'], r.macs)} | {macs_text(r.macs['compressed'], r.macs)} |",
         *_size_rows(r),
         "",
         f"Sparsity of the prunable weights in `model.onnx`: {_pct(sp['achieved'])} (target {_pct(sp['target'])}). "

@@ -81,6 +81,12 @@ def _latency_plot(rows: list[dict]) -> str:
     return _png(fig)
 
 
+def _macs_text(value, section: dict) -> str:
+    from ticketforge.report import macs_text  # report imports this module
+
+    return macs_text(value, section)
+
+
 def render(r: Report) -> str:
     acc, sp = r.accuracy, r.sparsity
     g = r.gate
@@ -94,7 +100,7 @@ def render(r: Report) -> str:
         ["accuracy (torch)", _pct(acc["dense"]), _pct(acc["compressed"])],
         ["accuracy (ONNX Runtime, exported)", _pct(acc.get("dense_onnx")), _pct(acc["onnx"])],
         ["non-zero parameters", f"{r.params['dense']:,}", f"{r.params['compressed']:,}"],
-        ["MACs per sample", f"{r.macs['dense']:,}", f"{r.macs['compressed']:,}"],
+        ["MACs per sample", _macs_text(r.macs['dense'], r.macs), _macs_text(r.macs['compressed'], r.macs)],
         ["model.onnx size", f"{r.size_mb['dense']:.3f} MB", f"{r.size_mb['compressed']:.3f} MB"],
         *([["gzip size (download)", f"{r.size['dense']['gzip_bytes'] / 2 ** 20:.3f} MB",
             f"{r.size['compressed']['gzip_bytes'] / 2 ** 20:.3f} MB"]] if r.size else []),

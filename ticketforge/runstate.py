@@ -18,7 +18,14 @@ from ticketforge.errors import UserError
 
 
 def file_digest(path: Path) -> str:
+    """SHA-256 of a file. A folder (an HF save_pretrained model, an image folder) may hold gigabytes:
+    its digest is over each file's name, size and modification time instead."""
     h = hashlib.sha256()
+    if path.is_dir():
+        for p in sorted(q for q in path.rglob("*") if q.is_file()):
+            st = p.stat()
+            h.update(f"{p.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -47,7 +54,7 @@ def run_key(parts: dict[str, Any]) -> str:
     named by `package.module:callable` by the digest of its source file."""
     resolved = {}
     for k, v in sorted(parts.items()):
-        if isinstance(v, Path) or (isinstance(v, str) and Path(v).is_file()):
+        if isinstance(v, Path) or (isinstance(v, str) and Path(v).exists()):
             resolved[k] = file_digest(Path(v))
         elif code_digest(v) is not None:
             resolved[k] = [v, code_digest(v)]

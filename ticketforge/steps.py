@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ticketforge import distributed, finetune, search, sparse_storage, ticket, validate
+from ticketforge import distributed, finetune, hf, search, sparse_storage, ticket, validate
 from ticketforge import export as export_mod
 from ticketforge.data import DataBundle, loader
 from ticketforge.errors import VerificationError
@@ -189,15 +189,20 @@ def export_step(run: Run) -> dict:
     files = run.state.subdir("export")
     model = run.converted.model.cpu()  # exported and checked on the CPU, where ONNX Runtime runs
     example = run.bundle.example(2)
-    export_mod.export_onnx(run.dense_copy, example, files / "dense.onnx", run.recipe.export)
-    export_mod.export_onnx(model, example, files / "model.onnx", run.recipe.export)
+    export_mod.export_onnx(run.dense_copy, example, files / "dense.onnx", run.recipe.export, run.bundle.inputs)
+    export_mod.export_onnx(model, example, files / "model.onnx", run.recipe.export, run.bundle.inputs)
     storage = sparse_storage.store(files / "model.onnx", run.recipe.export.sparse_storage,
                                    validate.feed(files / "model.onnx", run.bundle.example(validate.CHECK_SAMPLES)))
     conversions = list(run.loaded.conversions)
     if run.converted.spec is not None:
         conversions.append({"structure": run.structure.name, "spec": run.converted.spec})
     ticket.save(files / "ticket.pt", model, run.converted.mask, arch=run.loaded.arch,
-                arch_kwargs=run.loaded.arch_kwargs, conversions=conversions, recipe=run.recipe.to_dict())
+                arch_kwargs=run.loaded.arch_kwargs, conversions=conversions, recipe=run.recipe.to_dict(),
+                hf_config=run.loaded.hf_config)
+    if hf.is_model(model) and not conversions and _shapes(model) == _shapes(run.dense_copy):
+        # unstructured and 2:4 keep the architecture as its config describes it: the user's HF
+        # tooling reads the result as it is
+        hf.save_folder(model, files / "hf", run.loaded.source)
     result = {"files": sorted(p.name for p in files.iterdir()), "storage": storage}
     _restore_export(run, result)
     return result
@@ -206,7 +211,8 @@ def export_step(run: Run) -> dict:
 def _restore_export(run: Run, saved: dict) -> None:
     run.measured["storage"] = saved["storage"]
     for name in saved["files"]:
-        shutil.copy2(run.state.dir / "export" / name, run.out / name)
+        src = run.state.dir / "export" / name
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, run.out / name)
 
 
 # ---------------------------------------------------------------- measure
@@ -225,11 +231,13 @@ def measure(run: Run) -> None:
     m["structure"] = run.structure.verify(out / "model.onnx", out / "dense.onnx", run.converted, recipe) or {}
     m["onnx_accuracy"] = validate.onnx_accuracy(out / "model.onnx", run.bundle.val)
     m["dense_onnx_accuracy"] = validate.onnx_accuracy(out / "dense.onnx", run.bundle.val)
-    m["dense"], m["compressed"] = validate.onnx_stats(out / "dense.onnx"), validate.onnx_stats(out / "model.onnx")
+    sample = run.bundle.example(1)[0].numpy()  # MACs are counted on a real sample (ticketforge.macs)
+    m["dense"], m["compressed"] = (validate.onnx_stats(out / "dense.onnx", sample),
+                                   validate.onnx_stats(out / "model.onnx", sample))
     m["size"] = {"dense": sparse_storage.sizes(out / "dense.onnx"), "compressed": sparse_storage.sizes(out / "model.onnx"),
                  "storage": m.get("storage")}
     m["timing"] = validate.latency_settings(recipe.validate)
-    m["latency"] = validate.latency(out / "dense.onnx", out / "model.onnx", run.bundle.input_shape,
+    m["latency"] = validate.latency(out / "dense.onnx", out / "model.onnx", run.bundle.graph_input_shape,
                                     recipe.validate.latency_batches, settings=m["timing"])
 
 

@@ -19,13 +19,15 @@ FORMAT = "ticketforge.ticket/2"
 
 
 def save(path: Path, model: nn.Module, mask: Mask | None, *, arch: str | None, arch_kwargs: dict | None,
-         conversions: list[dict], recipe: dict) -> None:
+         conversions: list[dict], recipe: dict, hf_config: dict | None = None) -> None:
+    """`hf_config`: an HF transformers model's config (ticketforge.hf), which rebuilds it without --arch."""
     torch.save({
         "format": FORMAT,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "masks": mask.state_dict() if mask is not None else {},
         "arch": arch,
         "arch_kwargs": arch_kwargs or {},
+        "hf_config": hf_config,
         "structures": conversions,
         "prunable": list(prunable(model)),
         "recipe": recipe,
@@ -58,9 +60,15 @@ def load(path) -> nn.Module:
         raise UserError(f"{path} is not a readable ticket: {str(exc).splitlines()[0] if str(exc) else exc}") from None
     if not isinstance(obj, dict) or "state_dict" not in obj:
         raise UserError(f"{path} is not a ticketforge ticket (no state_dict)")
-    if not obj.get("arch"):
+    if not obj.get("arch") and not obj.get("hf_config"):
         raise UserError(f"{path} does not name its architecture (it was compressed from a pickled or "
                         "TorchScript model), so the compressed model cannot be rebuilt from plain data")
-    model = rebuild(models.build(obj["arch"], obj.get("arch_kwargs") or {}), conversions_of(obj))
+    if obj.get("arch"):
+        model = models.build(obj["arch"], obj.get("arch_kwargs") or {})
+    else:
+        from ticketforge import hf
+
+        model = hf.build(obj["hf_config"])
+    model = rebuild(model, conversions_of(obj))
     model.load_state_dict(obj["state_dict"])
     return model.eval()

@@ -31,21 +31,33 @@ def session(path: str | Path, provider: str = "CPUExecutionProvider") -> ort.Inf
                                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
 
 
-def run(sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
-    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+def inputs(names: list[str], x) -> dict[str, np.ndarray]:
+    """ONNX Runtime's inputs for one batch as ticketforge holds it: float32 images or features,
+    int64 token ids, and a packed attention mask (N, 2, L: ids, mask; ticketforge.adapt) split into
+    the graph's second input."""
+    x = x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    x = x.astype(np.int64 if x.dtype.kind in "iub" else np.float32, copy=False)
+    if len(names) == 2:
+        return {names[0]: np.ascontiguousarray(x[:, 0]), names[1]: np.ascontiguousarray(x[:, 1])}
+    return {names[0]: x}
 
 
-def feed(path: str | Path, x: torch.Tensor) -> dict[str, np.ndarray]:
+def run(sess: ort.InferenceSession, x) -> np.ndarray:
+    return sess.run(None, inputs([i.name for i in sess.get_inputs()], x))[0]
+
+
+def feed(path: str | Path, x) -> dict[str, np.ndarray]:
     """The input dict of the ONNX model at `path` for the batch x."""
-    name = onnx.load(str(path), load_external_data=False).graph.input[0].name
-    return {name: x.cpu().numpy().astype(np.float32)}
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    return inputs([i.name for i in graph.input if i.name not in weights], x)
 
 
 def onnx_accuracy(path: str | Path, ds: Dataset, batch_size: int = 256) -> float:
     sess = session(path)
     correct = total = 0
     for x, y in loader(ds, batch_size):
-        pred = run(sess, x.numpy().astype(np.float32)).argmax(1)
+        pred = run(sess, x).argmax(1)
         correct += int((pred == y.numpy()).sum())
         total += len(y)
     return correct / max(total, 1)
@@ -57,7 +69,7 @@ def parity(model: torch.nn.Module, path: str | Path, x: torch.Tensor) -> dict:
     the CPU, over the samples x (real validation samples: random inputs miss what real ones hit)."""
     model.eval()
     ref = model(x.to(next(model.parameters()).device)).float().cpu().numpy()
-    got = run(session(path), x.cpu().numpy().astype(np.float32))
+    got = run(session(path), x)
     diff = np.abs(ref - got)
     return {"max": float(diff.max()), "mean": float(diff.mean()), "samples": len(x)}
 
@@ -93,48 +105,18 @@ def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return out
 
 
-def onnx_stats(path: str | Path) -> dict:
-    """Sparsity, non-zero parameters, MACs per sample and file size, read from the ONNX file."""
+def onnx_stats(path: str | Path, sample: np.ndarray | None = None, count_macs: bool = True) -> dict:
+    """Sparsity, non-zero parameters, MACs per sample (ticketforge.macs, on `sample`, one input
+    sample; None with `macs_unknown` saying why when they cannot be counted) and file size, read
+    from the ONNX file."""
+    from ticketforge import macs
+
     model = load_dense(path)  # sparse-stored weights count as the tensors they stand for
     weights = _weights(model)
     total = sum(w.size for w in weights.values())
     zeros = sum(int((w == 0).sum()) for w in weights.values())
     params = sum(int(np.count_nonzero(numpy_helper.to_array(i))) for i in model.graph.initializer)
+    count, why = macs.count(model, sample) if count_macs else (None, "not counted")
     return {"weights": int(total), "zero_weights": int(zeros), "sparsity": zeros / max(total, 1),
-            "params_nonzero": params, "macs": macs(model), "size_mb": Path(path).stat().st_size / 2 ** 20}
-
-
-def macs(model: onnx.ModelProto) -> int:
-    """Multiply-accumulates per sample that the graph computes (Conv, Gemm, MatMul), found by
-    shape inference at batch 1."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for inp in m.graph.input:
-        dims = inp.type.tensor_type.shape.dim
-        if dims and not dims[0].HasField("dim_value"):
-            dims[0].Clear()
-            dims[0].dim_value = 1
-    m = onnx.shape_inference.infer_shapes(m)
-    shapes = {}
-    for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output):
-        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-    for init in m.graph.initializer:
-        shapes[init.name] = list(init.dims)
-    total = 0
-    for node in m.graph.node:
-        if node.op_type not in WEIGHT_OPS or not node.output or node.output[0] not in shapes:
-            continue
-        out = shapes[node.output[0]]
-        if None in out:
-            continue
-        if node.op_type in ("Conv", "ConvTranspose"):
-            w = shapes.get(node.input[1])
-            if w:
-                total += int(np.prod(out)) * int(np.prod(w[1:]))
-        else:
-            a = shapes.get(node.input[0])
-            attrs = {at.name: onnx.helper.get_attribute_value(at) for at in node.attribute}
-            if a and a[-1] is not None:
-                k = a[-2] if node.op_type == "Gemm" and attrs.get("transA", 0) else a[-1]
-                total += int(np.prod(out)) * int(k)
-    return total
+            "params_nonzero": params, "macs": count, "macs_unknown": why,
+            "size_mb": Path(path).stat().st_size / 2 ** 20}

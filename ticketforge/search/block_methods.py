@@ -21,29 +21,29 @@ from ticketforge.errors import UserError
 from ticketforge.macs import layer_macs
 from ticketforge.search.base import SearchContext, SearchResult
 from ticketforge.search.cts import concrete_search
-from ticketforge.structures.blocks.residual import GATE, choose, gated_version, removable_blocks, remove_blocks
+from ticketforge.structures.blocks.residual import choose, gate_name, install_gates, removable_blocks, remove_blocks
 
 
 def cts_blocks(ctx: SearchContext) -> SearchResult:
     cfg = ctx.recipe.search
-    names = removable_blocks(ctx.model)
+    example = ctx.example(2)
+    names = removable_blocks(ctx.model, example)
     if not names:
-        raise UserError("layer pruning: the model has no removable residual block (a submodule computing "
-                        "x + f(x) or act(x + f(x)) on its own input); use a channel or unstructured recipe")
+        raise UserError("layer pruning: the model has no removable residual block (looked for submodules that add "
+                        "their own input to a branch computed from it with weights: x + f(x), act(x + f(x)), "
+                        "norm(x + f(x))); use a channel or unstructured recipe")
     if cfg.blocks > len(names):
         raise UserError(f"search.blocks={cfg.blocks}, but the model has only {len(names)} removable blocks "
                         f"({', '.join(names)})")
-    counted = layer_macs(ctx.model, ctx.example(2))
+    counted = layer_macs(ctx.model, example)
     total = counted.total
     macs = {n: counted.within(n) for n in names}
     ctx.ui.log(f"layer pruning: {len(names)} removable blocks: "
                + ", ".join(f"{n} ({macs[n] / total:.1%} of MACs)" for n in names))
 
     # Search: one gate per block on a copy whose blocks scale their branch by the gate.
-    gated = copy.deepcopy(ctx.model)
-    for n in names:
-        gated.set_submodule(n, gated_version(gated.get_submodule(n)))
-    keys = {n: f"{n}.{GATE}" for n in names}
+    gated = install_gates(copy.deepcopy(ctx.model), names, example)
+    keys = {n: gate_name(n) for n in names}
     if cfg.blocks:
         costs = {keys[n]: torch.ones(()) for n in names}
         kept_cost = float(len(names) - cfg.blocks)
@@ -57,7 +57,7 @@ def cts_blocks(ctx: SearchContext) -> SearchResult:
     scores = {n: float(trained[keys[n]]) for n in names}
 
     chosen = choose(scores, macs, total, cfg.blocks, cfg.target_macs)
-    model = remove_blocks(ctx.model, chosen)
+    model = remove_blocks(ctx.model, chosen, example=example)
     kept = total - sum(macs[n] for n in chosen)
     info.update({"method": "cts-blocks", "candidates": names, "removed": chosen,
                  "scores": scores, "block_macs": macs, "macs_kept_fraction": kept / total,

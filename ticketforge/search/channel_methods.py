@@ -27,7 +27,7 @@ def _gate_targets(model, plan) -> list[list[tuple[str, torch.Tensor, torch.Tenso
     params = dict(model.named_parameters())
     out = []
     for g in plan.groups:
-        members = g.of("norm") or g.of("out")
+        members = g.gated()
         targets = []
         for m in members:
             for p in ("weight", "bias"):

@@ -26,15 +26,21 @@ class Blocks(Structure):
 
     def convert(self, model, mask, recipe, example) -> Converted:
         """The search already removed the blocks physically; record which, so that ticket.pt rebuilds."""
-        from ticketforge.structures.blocks.residual import RemovedBlock
+        from ticketforge.structures.blocks.residual import RemovedBlock, recorded_calls
 
         removed = {n: m.was for n, m in model.named_modules() if isinstance(m, RemovedBlock)}
         if not removed:
             raise UserError("convert.structure blocks: no residual block was removed")
         if mask is not None:
             mask.apply(model)
-        return Converted(model=model, mask=mask, info={"structure": self.name, "removed_blocks": removed},
-                         spec={"removed_blocks": list(removed)})
+        kept = {n: sorted({p.rsplit(".", 1)[0].removeprefix("rest.") for p, _ in m.named_parameters()})
+                for n, m in model.named_modules() if isinstance(m, RemovedBlock) and any(True for _ in m.parameters())}
+        info = {"structure": self.name, "removed_blocks": removed}
+        if kept:  # post-norm blocks: LayerNorm(x + f(x)) became LayerNorm(x)
+            info["kept_in_removed_blocks"] = kept
+        # How each block was called (plain data) rebuilds it from a ticket, as it was traced here.
+        return Converted(model=model, mask=mask, info=info,
+                         spec={"removed_blocks": list(removed), "calls": recorded_calls(model)})
 
     def verify(self, onnx_path, dense_onnx_path, converted, recipe):
         fewer_weights(onnx_path, dense_onnx_path, "blocks: no block was removed")
@@ -43,4 +49,4 @@ class Blocks(Structure):
     def rebuild(self, model, spec):
         from ticketforge.structures.blocks.residual import remove_blocks
 
-        return remove_blocks(model, spec["removed_blocks"])
+        return remove_blocks(model, spec["removed_blocks"], spec.get("calls"))

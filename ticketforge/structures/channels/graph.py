@@ -8,6 +8,7 @@ spec.py (rebuilding a shrunk model from plain data)."""
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 from ticketforge.errors import UserError
 from ticketforge.macs import CONV_LINEAR, layer_macs
+from ticketforge.structures.channels import heads
 
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
 # Op nodes whose index mapping may not survive removing a channel (views into heads, splits):
@@ -26,20 +28,29 @@ RESHAPING_OPS = (tp.ops._ReshapeOp, tp.ops._SplitOp, tp.ops._UnbindOp, tp.ops._S
 
 @dataclass
 class Member:
-    module: str        # module name in the model
-    kind: str          # "out": a Conv/Linear producing the channels (depthwise too), "in": one reading them, "norm"
+    module: str        # module name in the model (a parameter's name for kind "param")
+    kind: str          # "out": a Conv/Linear producing the channels (depthwise too), "in": one reading them,
+                       # "norm", "param": a per-unit table (its last dimension; ticketforge.structures.channels.heads)
     idx: list[int]     # indices along the pruned dimension of this module
-    root: list[int]    # the group channel each index belongs to
+    root: list[int]    # the group unit each index belongs to
 
 
 @dataclass
 class ChannelGroup:
-    root: str          # the Conv/Linear the group was found from
-    size: int          # channels in the group
+    root: str          # the Conv/Linear the group was found from (for heads: the attention module)
+    size: int          # units in the group: channels, or attention heads
     members: list[Member]
+    unit: int = 1      # channels per unit (a head's width)
+    gate: tuple[str, ...] = ()  # modules whose rows a CTS gate scales (default: the norms, else the producers)
+    kind: str = "channels"      # or "heads"
 
     def of(self, kind: str) -> list[Member]:
         return [m for m in self.members if m.kind == kind]
+
+    def gated(self) -> list[Member]:
+        if self.gate:
+            return [m for m in self.members if m.module in self.gate]
+        return self.of("norm") or self.of("out")
 
 
 @dataclass
@@ -92,9 +103,29 @@ class ChannelPlan:
 # ---------------------------------------------------------------- discovery
 
 def _grouped(mod: nn.Module) -> bool:
-    """A grouped conv that is not depthwise: its channels are tied in blocks; left whole."""
+    """A grouped conv that is not depthwise: its channels are tied in blocks."""
     return isinstance(mod, nn.modules.conv._ConvNd) and 1 < mod.groups and not (
         mod.groups == mod.in_channels == mod.out_channels)
+
+
+def _whole_groups_of_grouped_convs(model: nn.Module, group: ChannelGroup) -> tuple[ChannelGroup, str | None]:
+    """A group through a grouped conv (RegNet, ResNeXt) keeps the conv's number of groups: a unit is
+    one position within a conv group, i.e. one channel of every conv group (channel c belongs to
+    unit c % width), so every conv group loses the same channels and the conv stays a grouped conv
+    with narrower groups. Returns the group in units, or why it is left whole."""
+    mods = dict(model.named_modules())
+    grouped = {m.module: mods[m.module] for m in group.members if _grouped(mods[m.module])}
+    if not grouped:
+        return group, None
+    counts = {conv.groups for conv in grouped.values()}
+    if len(counts) != 1 or any(conv.in_channels != group.size or conv.out_channels != group.size
+                               for conv in grouped.values()) \
+            or any(m.idx != m.root for m in group.members if m.module in grouped):
+        return group, f"grouped convs {', '.join(grouped)} do not map the group's channels one to one"
+    conv_groups = counts.pop()
+    width = group.size // conv_groups
+    members = [Member(m.module, m.kind, m.idx, [r % width for r in m.root]) for m in group.members]
+    return ChannelGroup(group.root, width, members, unit=conv_groups), None
 
 
 def _probe(model: nn.Module, example: torch.Tensor, root: str, expected_shape) -> str | None:
@@ -115,8 +146,25 @@ def _probe(model: nn.Module, example: torch.Tensor, root: str, expected_shape) -
     return None
 
 
+# Plans found earlier, per model object: the search, the step before fine-tuning and the conversion
+# all ask for the same model's plan, and tracing a large model (ResNet-50, ViT-Base) takes seconds.
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 def discover(model: nn.Module, example: torch.Tensor) -> ChannelPlan:
-    """Coupled channel groups of `model` (traced on `example`) and their MAC model."""
+    """Coupled channel groups of `model` (traced on `example`) and their MAC model. A plan depends on
+    the model's layers and shapes and on the example's shape, not on the weights: it is found once
+    per model object and kept while those stay the same."""
+    key = (tuple(example.shape), example.dtype, tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()))
+    cached = _PLANS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    plan = _discover(model, example)
+    _PLANS[model] = (key, plan)
+    return plan
+
+
+def _discover(model: nn.Module, example: torch.Tensor) -> ChannelPlan:
     if isinstance(model, torch.jit.ScriptModule):
         raise UserError("channel structure needs an eager nn.Module (a TorchScript archive cannot be traced "
                         "for dependencies or shrunk); give a state_dict with --arch")
@@ -131,7 +179,9 @@ def discover(model: nn.Module, example: torch.Tensor) -> ChannelPlan:
     with torch.enable_grad():
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
         ignored = [m for n, m in model.named_modules() if n in final]
-        groups, skipped = [], []
+        # Attention projections go a whole head at a time (heads.py), never a channel at a time.
+        groups, skipped, projections = heads.groups(model, dg, names)
+        ignored += [m for n, m in model.named_modules() if n in projections]
         for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=CONV_LINEAR):
             members, why, risky = [], None, False
             for item in group:
@@ -143,22 +193,32 @@ def discover(model: nn.Module, example: torch.Tensor) -> ChannelPlan:
                         why = "a bare nn.Parameter (e.g. a position embedding) is coupled"
                     risky = risky or isinstance(mod, RESHAPING_OPS)
                     continue  # Torch-Pruning's own op nodes (add, concat, reshape): nothing to prune
-                if _grouped(mod):
-                    why = f"grouped conv {name} (groups={mod.groups})"
-                elif isinstance(mod, CONV_LINEAR):
+                if isinstance(mod, CONV_LINEAR):
                     kind = "out" if dg.is_out_channel_pruning_fn(dep.handler) else "in"
                     members.append(Member(name, kind, [int(i) for i in item.idxs], [int(r) for r in item.root_idxs]))
+                elif isinstance(mod, nn.LayerNorm) or type(mod).__name__.endswith("LayerNorm"):
+                    # Its mean and variance run over these channels: with some of them zeroed the
+                    # masked model would not compute what the shrunk one does.
+                    why = f"LayerNorm {name} normalises over these channels"
                 elif isinstance(mod, NORMS):
                     members.append(Member(name, "norm", [int(i) for i in item.idxs], [int(r) for r in item.root_idxs]))
                 else:
                     why = f"{type(mod).__name__} {name} has no channel rule here"
             root = names[group[0].dep.target.module]
             size = len(group[0].idxs)
+            group_ = ChannelGroup(root, size, members)
+            if why is None:
+                group_, why = _whole_groups_of_grouped_convs(model, group_)
             if why is None and risky:
                 why = _probe(model, example, root, expected)
-            if why is None and size > 1:
-                groups.append(ChannelGroup(root, size, members))
+            if why is None and group_.size > 1:
+                groups.append(group_)
             elif why is not None:
                 skipped.append(f"{root}: {why}")
     model.train(was_training)
+    if not groups:
+        raise UserError("channels: the model has no channel group that can be removed (looked for the output "
+                        "channels of every Conv and Linear with the layers that read them, and for attention "
+                        "heads)" + (f"; left whole: {'; '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}"
+                                    if skipped else "") + "; use a blocks, 2:4 or unstructured recipe")
     return ChannelPlan(groups, macs, width, skipped)

@@ -8,9 +8,11 @@ from torch import nn
 from ticketforge.masks import Mask
 from ticketforge.structures.channels.graph import ChannelPlan
 
-def allowed_counts(size: int, round_to: int) -> list[int]:
-    """Kept-channel counts a group may take: multiples of round_to (at least one), or all of it."""
-    return sorted({size} | {m for m in range(round_to, size, round_to)})
+def allowed_counts(size: int, round_to: int, unit: int = 1) -> list[int]:
+    """Kept counts a group may take: multiples of round_to channels (at least one), or all of it.
+    A group of `unit`-channel units (attention heads) rounds whole units: any count of 64-wide heads."""
+    step = max(1, -(-round_to // unit))
+    return sorted({size} | {m for m in range(step, size, step)})
 
 
 def select(plan: ChannelPlan, scores: list[torch.Tensor], target: float, round_to: int) -> tuple[list[torch.Tensor], dict]:
@@ -24,7 +26,7 @@ def select(plan: ChannelPlan, scores: list[torch.Tensor], target: float, round_t
     while current > budget:
         best = None
         for i, g in enumerate(plan.groups):
-            lower = [c for c in allowed_counts(g.size, round_to) if c < counts[i]]
+            lower = [c for c in allowed_counts(g.size, round_to, g.unit) if c < counts[i]]
             if not lower:
                 continue
             trial = list(counts)

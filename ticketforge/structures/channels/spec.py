@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ticketforge.errors import UserError
+from ticketforge.structures.channels import heads
 
 SPEC_ATTRS = {nn.modules.conv._ConvNd: ("in_channels", "out_channels", "groups"),
               nn.modules.batchnorm._BatchNorm: ("num_features",),
@@ -22,6 +23,8 @@ def arch_spec(model: nn.Module) -> dict:
             if isinstance(mod, cls):
                 modules[name] = {a: (list(getattr(mod, a)) if isinstance(getattr(mod, a), tuple) else getattr(mod, a))
                                  for a in attrs}
+    for name, attrs in heads.spec_attrs(model).items():  # attention layers: how many heads are left
+        modules.setdefault(name, {}).update(attrs)
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     return {"format": "ticketforge.spec/1", "modules": modules, "shapes": shapes}
 

@@ -12,7 +12,29 @@ import torch_pruning as tp
 from torch import nn
 
 from ticketforge.masks import Mask
-from ticketforge.structures.channels.graph import ChannelGroup, ChannelPlan
+from ticketforge.structures.channels import heads
+from ticketforge.structures.channels.graph import ChannelGroup, ChannelPlan, _grouped
+
+def in_columns(mod: nn.Module, channels: list[int]) -> list[int]:
+    """The weight columns that read these input channels: a grouped conv's weight holds each conv
+    group's channels in the same columns (channel c in column c % (in_channels / groups))."""
+    if _grouped(mod):
+        per_group = mod.in_channels // mod.groups
+        return sorted({c % per_group for c in channels})
+    return channels
+
+
+def dense_weight(mod: nn.Module) -> torch.Tensor:
+    """The conv's weight as if it were not grouped: (out, in_channels, *kernel), zero across groups."""
+    if not _grouped(mod):
+        return mod.weight
+    w = mod.weight
+    out_per, in_per = w.shape[0] // mod.groups, w.shape[1]
+    full = w.new_zeros((w.shape[0], mod.in_channels, *w.shape[2:]))
+    for g in range(mod.groups):
+        full[g * out_per:(g + 1) * out_per, g * in_per:(g + 1) * in_per] = w[g * out_per:(g + 1) * out_per]
+    return full
+
 
 def _removed(g: ChannelGroup, kept: torch.Tensor) -> torch.Tensor:
     gone = torch.ones(g.size, dtype=torch.bool)
@@ -23,17 +45,18 @@ def _removed(g: ChannelGroup, kept: torch.Tensor) -> torch.Tensor:
 def channel_mask(model: nn.Module, plan: ChannelPlan, keep: list[torch.Tensor]) -> Mask:
     """The weight Mask of a channel selection: producer rows and consumer columns of removed channels."""
     mask = Mask.ones_like(model)
+    mods = dict(model.named_modules())
     for g, kept in zip(plan.groups, keep):
         gone = _removed(g, kept)
         for m in g.members:
-            if m.kind == "norm":
+            if m.kind not in ("out", "in"):
                 continue
             sel = [i for i, r in zip(m.idx, m.root) if gone[r]]
             w = mask[f"{m.module}.weight"]
             if m.kind == "out":
                 w[sel] = False
             else:
-                w[:, sel] = False
+                w[:, in_columns(mods[m.module], sel)] = False
     return mask
 
 
@@ -95,12 +118,12 @@ def fold_shifts(model: nn.Module, plan: ChannelPlan, keep: list[torch.Tensor], e
         else:
             vals = x[:, sel].transpose(0, 1).reshape(len(sel), -1)
             c = vals.mean(1)
-            contrib = mod.weight[:, sel].sum(dim=tuple(range(2, mod.weight.dim()))) @ c
+            contrib = dense_weight(mod)[:, sel].sum(dim=tuple(range(2, mod.weight.dim()))) @ c
         spread = max(spread, float((vals - c.unsqueeze(0 if isinstance(mod, nn.Linear) else 1)).abs().max()))
         if mod.bias is None:
             mod.bias = nn.Parameter(torch.zeros(mod.weight.shape[0], device=mod.weight.device, dtype=mod.weight.dtype))
         mod.bias += contrib
-        mod.weight[:, sel] = 0
+        mod.weight[:, in_columns(mod, sel)] = 0
     return spread
 
 
@@ -113,10 +136,19 @@ def shrink(model: nn.Module, plan: ChannelPlan, keep: list[torch.Tensor], exampl
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
         mods = dict(model.named_modules())
         for g, kept in zip(plan.groups, keep):
-            gone = _removed(g, kept).nonzero().flatten().tolist()
+            if g.kind == "heads":
+                continue
+            removed = _removed(g, kept)
+            # the root layer's channels of the removed units (a unit of a grouped conv is several)
+            producer = next(m for m in g.of("out") if m.module == g.root)
+            gone = [i for i, r in zip(producer.idx, producer.root) if removed[r]]
             if not gone:
                 continue
             root = mods[g.root]
             fn = tp.prune_linear_out_channels if isinstance(root, nn.Linear) else tp.prune_conv_out_channels
             dg.get_pruning_group(root, fn, idxs=gone).prune()
+    # Heads last: their projections' other dimension may have shrunk above, their own did not.
+    for g, kept in zip(plan.groups, keep):
+        if g.kind == "heads":
+            heads.remove(model, g, kept)
     return model

@@ -1,0 +1,157 @@
+"""The model zoo (issue 12): models straight from HF transformers, in small configs with random
+weights, through every structure that exists in them. Each case converts the model the way the
+pipeline does (the structure's own convert, on a selection made without training), exports it,
+and checks that the ONNX file computes what the torch model does, that the structure really
+changed (fewer weights, fewer MACs, or every eligible weight group 2:4) and that MACs were counted.
+Two end-to-end runs of the command line close it: a save_pretrained folder of each kind."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+T = pytest.importorskip("transformers", reason="the model zoo needs HF transformers (pip install 'ticketforge[hf]')")
+
+from ticketforge import adapt, cli, recipe as recipes, structures, validate  # noqa: E402
+from ticketforge.export import export_onnx  # noqa: E402
+from ticketforge.masks import Mask, global_topk, keep_count, prunable  # noqa: E402
+from ticketforge.structures.blocks.residual import removable_blocks, remove_blocks  # noqa: E402
+from ticketforge.structures.nm import pattern  # noqa: E402
+
+TEXT = {"bert", "distilbert"}
+
+
+def build(arch: str):
+    c = T
+    configs = {
+        "resnet": lambda: c.ResNetForImageClassification(c.ResNetConfig(
+            num_labels=5, embedding_size=16, hidden_sizes=[32, 64, 64, 128], depths=[2, 1, 1, 1], layer_type="bottleneck")),
+        "convnext": lambda: c.ConvNextForImageClassification(c.ConvNextConfig(
+            num_labels=5, hidden_sizes=[16, 32, 32, 64], depths=[1, 1, 2, 1])),
+        "mobilenetv2": lambda: c.MobileNetV2ForImageClassification(c.MobileNetV2Config(
+            num_labels=5, depth_multiplier=0.35, image_size=32)),
+        "efficientnet": lambda: c.EfficientNetForImageClassification(c.EfficientNetConfig(
+            num_labels=5, width_coefficient=0.25, depth_coefficient=0.5, image_size=32, hidden_dim=320)),
+        "regnet": lambda: c.RegNetForImageClassification(c.RegNetConfig(
+            num_labels=5, embedding_size=16, hidden_sizes=[32, 64, 128, 128], depths=[1, 1, 2, 1], groups_width=16)),
+        "vit": lambda: c.ViTForImageClassification(c.ViTConfig(
+            num_labels=5, image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=128)),
+        "swin": lambda: c.SwinForImageClassification(c.SwinConfig(
+            num_labels=5, image_size=32, patch_size=4, embed_dim=16, depths=[2, 1], num_heads=[2, 4], window_size=4)),
+        "bert": lambda: c.BertForSequenceClassification(c.BertConfig(
+            vocab_size=80, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            num_labels=5, max_position_embeddings=32)),
+        "distilbert": lambda: c.DistilBertForSequenceClassification(c.DistilBertConfig(
+            vocab_size=80, dim=64, n_layers=2, n_heads=4, hidden_dim=128, num_labels=5, max_position_embeddings=32)),
+    }
+    torch.manual_seed(0)
+    model = configs[arch]().eval()
+    # the CNNs downsample 32x: 16x16 inputs are their smallest, and cheapest, inputs
+    size = 16 if arch in ("mobilenetv2", "resnet", "regnet") else 32
+    x = torch.randint(1, 80, (4, 16)) if arch in TEXT else torch.randn(4, 3, size, size)
+    io = adapt.fit(model, ["input"], x)
+    assert io["output"].endswith(".logits")
+    return model, x
+
+
+def convert(arch: str, structure: str):
+    """(dense model, converted model, example, converted info) as the pipeline's convert step makes them."""
+    model, x = build(arch)
+    dense = copy.deepcopy(model)
+    name = {"unstructured": "magnitude", "2:4": "magnitude-2to4", "channels": "magnitude-channels",
+            "blocks": "cts-blocks"}[structure]
+    r = recipes.resolve(name, ["convert.round_to=4"] if structure == "channels" else [])
+    s = structures.get(r.convert.structure)
+    mask = None
+    if structure == "unstructured":
+        scores = {k: w.detach().abs() for k, w in prunable(model).items()}
+        mask = global_topk(scores, keep_count(sum(v.numel() for v in scores.values()), 0.5))
+    elif structure == "2:4":
+        mask = pattern.nm_masks(model, {k: w.detach().abs() for k, w in prunable(model).items()})
+    elif structure == "blocks":
+        names = removable_blocks(model, x)
+        assert names, f"{arch}: no removable block found"
+        remove_blocks(model, names[:1], example=x)
+    model, mask, _ = s.prepare(model, mask, r, x)
+    conv = s.convert(model, mask, r, x)
+    return dense, conv.model.eval(), x, conv.info
+
+
+# Every structure on a CNN (bottleneck ResNet), a ViT and a text model; the others where their
+# architecture brings something new: depthwise convs and TF padding (MobileNetV2), squeeze-excitation
+# (EfficientNet), grouped convs (RegNet), LayerNorm over channels and layer scale (ConvNeXt),
+# windows and a per-head bias table (Swin), post-norm blocks (BERT, DistilBERT).
+CASES = [(a, s) for a in ("resnet", "vit", "bert") for s in ("unstructured", "2:4", "channels", "blocks")] + [
+    ("mobilenetv2", "channels"), ("mobilenetv2", "blocks"), ("efficientnet", "channels"), ("efficientnet", "blocks"),
+    ("regnet", "channels"), ("regnet", "blocks"), ("convnext", "channels"), ("convnext", "blocks"),
+    ("swin", "channels"), ("swin", "blocks"), ("distilbert", "blocks"), ("distilbert", "2:4")]
+
+
+@pytest.mark.parametrize("arch, structure", CASES)
+def test_zoo(arch, structure, tmp_path):
+    dense, small, x, info = convert(arch, structure)
+    cfg = recipes.resolve("magnitude").export
+    export_onnx(dense, x[:2], tmp_path / "dense.onnx", cfg)
+    export_onnx(small, x[:2], tmp_path / "model.onnx", cfg)
+    worst = validate.parity(small, tmp_path / "model.onnx", x)["max"]
+    assert worst < 1e-4, f"{arch} {structure}: torch vs ONNX {worst}"
+    d, c = validate.onnx_stats(tmp_path / "dense.onnx", x[0].numpy()), validate.onnx_stats(tmp_path / "model.onnx", x[0].numpy())
+    assert d["macs"] and c["macs"], (d["macs_unknown"], c["macs_unknown"])
+    if structure == "unstructured":
+        assert c["sparsity"] > 0.45
+    elif structure == "2:4":
+        back = pattern.onnx_groups(tmp_path / "model.onnx")
+        assert back["groups"] > 0 and back["bad"] == 0
+    else:  # the structure really changed: weights and MACs gone from the exported graph
+        assert c["weights"] < d["weights"] and c["macs"] < d["macs"], (arch, structure, info)
+    if structure == "channels" and arch in ("vit", "swin", "bert", "distilbert"):
+        heads = [n for n, m in small.named_modules() if hasattr(m, "num_attention_heads") or hasattr(m, "n_heads")]
+        assert heads  # heads were offered as groups; whether any went is the selection's choice
+
+
+def _run(*args):
+    result = CliRunner().invoke(cli.cli, ["compress", *args, "--quiet", "--set", "validate.repeats=3",
+                                          "--set", "validate.warmup=0", "--set", "validate.latency_batches=[1]"],
+                                prog_name="ticketforge")
+    assert result.exit_code == 0, result.output
+    return json.loads(Path(args[args.index("--out") + 1], "report.json").read_text())
+
+
+def test_save_pretrained_folders_end_to_end():
+    model, _ = build("regnet")
+    model.save_pretrained("regnet-hf")
+    rng = np.random.default_rng(0)
+    np.savez("img.npz", x=rng.integers(0, 256, (48, 3, 32, 32), dtype=np.uint8), y=np.arange(48) % 5)
+    r = _run("regnet-hf", "--data", "img.npz", "--recipe", "cts-channels", "--epochs", "1", "--set", "search.epochs=1",
+             "--set", "convert.round_to=4", "--out", "out-regnet")
+    assert r["macs"]["compressed"] < 0.7 * r["macs"]["dense"] and r["parity"] < 1e-4
+    text, _ = build("bert")
+    text.save_pretrained("bert-hf")
+    ids = rng.integers(1, 80, (48, 16))
+    mask = np.ones_like(ids)
+    mask[::3, 12:] = 0
+    np.savez("tok.npz", x=ids, y=np.arange(48) % 5, attention_mask=mask)
+    r = _run("bert-hf", "--data", "tok.npz", "--recipe", "layers", "--epochs", "1", "--set", "search.epochs=1",
+             "--out", "out-bert")
+    assert r["convert"]["removed_blocks"] and r["macs"]["compressed"] < r["macs"]["dense"]
+    assert r["convert"]["kept_in_removed_blocks"]  # post-LN: LayerNorm(x + f(x)) became LayerNorm(x)
+
+
+def test_structure_that_does_not_exist_is_one_line():
+    np.savez("tok.npz", x=np.random.default_rng(0).integers(1, 80, (24, 16)), y=np.arange(24) % 5)
+    # A model with nothing 2:4 can use: every Linear is 10 wide.
+    tiny = T.BertForSequenceClassification(T.BertConfig(vocab_size=80, hidden_size=10, num_hidden_layers=1,
+                                                         num_attention_heads=2, intermediate_size=10, num_labels=5,
+                                                         max_position_embeddings=32))
+    tiny.save_pretrained("tiny-hf")
+    result = CliRunner().invoke(cli.cli, ["compress", "tiny-hf", "--data", "tok.npz", "--recipe", "magnitude-2to4",
+                                          "--out", "out2", "--quiet"], prog_name="ticketforge")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "no layer of this model qualifies" in lines[0]
+    assert not Path("out2").exists()
