@@ -56,14 +56,7 @@ def layer_macs(model: nn.Module, example: torch.Tensor) -> LayerMacs:
     for m in model.modules():
         if isinstance(m, CONV_LINEAR):
             hooks.append(m.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        y = model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    y = forward_with_hooks(model, example, hooks)
     final = {n for n, o in outputs.items() if o is y or (o.data_ptr() == y.data_ptr() and o.shape == y.shape)}
     return LayerMacs(macs, widths, final)
 
@@ -143,3 +136,16 @@ def count(model: str | Path | onnx.ModelProto, sample: np.ndarray | dict | None 
         return None, f"ONNX Runtime could not run the graph to read its shapes: {text[:160]}"
     shapes = {**static, **{n: tuple(np.shape(v)) for n, v in zip(names, values)}}
     return sum(node_macs(n, shapes) for n in nodes), None
+
+
+def forward_with_hooks(model: nn.Module, example, hooks: list):
+    """One forward pass in eval mode with the given hook handles, which are removed afterwards; the
+    model comes back in the mode it was in. Returns the output."""
+    was_training = model.training
+    model.eval()
+    try:
+        return model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)

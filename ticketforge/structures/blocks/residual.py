@@ -40,6 +40,7 @@ import torch
 from torch import fx, nn
 
 from ticketforge.errors import UserError
+from ticketforge.macs import forward_with_hooks
 from ticketforge.masks import PRUNABLE_TYPES
 
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -100,14 +101,7 @@ def observe_calls(model: nn.Module, example: torch.Tensor) -> dict[str, dict]:
 
     for m in model.modules():
         hooks.append(m.register_forward_pre_hook(hook, with_kwargs=True))
-    was_training = model.training
-    model.eval()
-    try:
-        model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    forward_with_hooks(model, example, hooks)
     return {n: c for n, c in calls.items() if c is not None}
 
 

@@ -11,6 +11,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ticketforge.macs import forward_with_hooks
 from ticketforge.masks import Mask
 from ticketforge.structures.channels import heads
 from ticketforge.structures.channels.graph import ChannelGroup, ChannelPlan, _grouped
@@ -98,14 +99,7 @@ def fold_shifts(model: nn.Module, plan: ChannelPlan, keep: list[torch.Tensor], e
     inputs, hooks = {}, []
     for name in consumers:
         hooks.append(mods[name].register_forward_pre_hook(lambda mod, inp, name=name: inputs.__setitem__(name, inp[0])))
-    was_training = model.training
-    model.eval()
-    try:
-        model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    forward_with_hooks(model, example, hooks)
     spread = 0.0
     for name, sel in consumers.items():
         if not sel:
