@@ -288,13 +288,16 @@ def test_cts_reports_where_and_why_it_stopped(make_ctx):
 
 def test_report_says_where_the_search_stopped():
     from ticketforge import report
+    from ticketforge.report_schema import Report
 
-    r = {"recipe": {"name": "cts", "convert": {"structure": "unstructured"}}, "model": {"path": "m.pt", "kind": "x"},
+    data = {"recipe": {"name": "cts", "convert": {"structure": "unstructured"}}, "model": {"path": "m.pt", "kind": "x"},
          "data": {"spec": "d", "train": 1, "val": 1}, "device": "cpu", "seed": 0, "ticketforge_version": "0",
          "search": {"method": "cts", "max_steps": 66, "stop": {"step": 40, "reason": "converged"}},
          "accuracy": {"dense": 1.0, "compressed": 0.9, "onnx": 0.9}, "params": {"dense": 10, "compressed": 1},
          "macs": {"dense": 10, "compressed": 10}, "size_mb": {"dense": 1.0, "compressed": 1.0},
-         "sparsity": {"achieved": 0.9, "target": 0.9}, "parity": 0.0, "latency": [], "timings": {"search": 1.0}}
+         "sparsity": {"achieved": 0.9, "target": 0.9}, "parity": 0.0, "latency": [], "timings": {"search": 1.0},
+         "convert": {}}
+    r = Report.from_dict(data)
     assert "stopped at step 40 of at most 66: its top-k set had converged" in report.to_markdown(r)
-    r["search"]["stop"]["reason"] = "cap"
+    r.search["stop"]["reason"] = "cap"
     assert "stopped at step 40 of at most 66: the cap" in report.to_markdown(r)
