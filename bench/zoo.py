@@ -15,8 +15,9 @@ speed, and that it runs in memory, not accuracy (random weights fine-tuned for o
 
 Each run is `ticketforge compress` in a child process; its peak resident memory comes from the
 kernel (os.wait4), the rest from its report.json: params and MACs kept (read back from model.onnx
-against dense.onnx), ONNX Runtime CPU speed-ups at batch 1 and 64 (medians, dense and compressed
-timed alternately), parity (max |logit difference| torch vs ONNX) and seconds per step.
+against dense.onnx), ONNX Runtime CPU speed-ups at batch 1 and 64 with their 95% intervals (as
+every report times them: ticketforge.latency, one intra-op thread), parity (max |logit
+difference| torch vs ONNX) and seconds per step.
 
     python bench/zoo.py                                   # the three default-config models
     python bench/zoo.py --models resnet50 --recipes cts-channels
@@ -42,12 +43,13 @@ RECIPES = ["cts", "cts-2to4", "cts-channels", "layers"]
 TEXT = {"bert-base", "distilbert"}
 STEPS = ("dense", "search", "finetune", "convert", "export", "measure")
 
-# Small budgets: a few search steps, one fine-tune epoch on a few hundred samples, few timing runs
-# for the models whose batch-64 run takes seconds.
-BUDGET = ["--epochs", "1", "--set", "finetune.batch_size=16", "--set", "validate.latency_batches=[1, 64]"]
+# Small budgets: a few search steps, one fine-tune epoch on a few hundred samples. Latency as every
+# report times it (ticketforge.latency: interleaved pairs, one ONNX Runtime thread), with up to a
+# minute per row, since one batch-64 run of these models takes seconds.
+BUDGET = ["--epochs", "1", "--set", "finetune.batch_size=16", "--set", "validate.latency_batches=[1, 64]",
+          "--set", "validate.max_seconds=60"]
 CTS_BUDGET = ["--set", "search.steps=8", "--set", "search.batch_size=16"]
-TIMING = {"vision": ["--set", "validate.repeats=10", "--set", "validate.warmup=2"],
-          "text": ["--set", "validate.repeats=3", "--set", "validate.warmup=1"]}
+TIMING = {"vision": ["--set", "validate.warmup=2"], "text": ["--set", "validate.warmup=1"]}
 
 
 def build(name: str):
@@ -116,7 +118,9 @@ def run(model_dir: Path, data: str, recipe: str, out: Path, text: bool, log: Pat
         row["error"] = lines[-1][:160] if lines else "(no output)"
         return row
     r = json.loads(report.read_text())
-    lat = {x["batch"]: x["speedup"] for x in r["latency"] if x["backend"] == "onnxruntime-cpu"}
+    rows = {x["batch"]: x for x in r["latency"] if x["backend"] == "onnxruntime-cpu"}
+    lat = {b: x["speedup"] for b, x in rows.items()}
+    ci = {b: x.get("speedup_ci") for b, x in rows.items()}
     macs = r["macs"]
     row.update({
         "params_dense_m": round(r["params"]["dense"] / 1e6, 2),
@@ -125,7 +129,7 @@ def run(model_dir: Path, data: str, recipe: str, out: Path, text: bool, log: Pat
         "macs_kept": round(macs["compressed"] / macs["dense"], 3) if macs["dense"] and macs["compressed"] else None,
         "macs_unknown": macs.get("unknown"),
         "sparsity": round(r["sparsity"]["achieved"], 3),
-        "speedup_b1": lat.get(1), "speedup_b64": lat.get(64),
+        "speedup_b1": lat.get(1), "speedup_b64": lat.get(64), "speedup_b1_ci": ci.get(1), "speedup_b64_ci": ci.get(64),
         "parity": r["parity"],
         "accuracy_dense_onnx": r["accuracy"].get("dense_onnx"), "accuracy_onnx": r["accuracy"]["onnx"],
         **{f"{s}_s": r["timings"].get(s) for s in STEPS},
@@ -142,6 +146,11 @@ def markdown(rows: list[dict]) -> str:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
+    def speed(r, b):
+        ci = r.get(f"speedup_{b}_ci")
+        return "-" if r[f"speedup_{b}"] is None else f"{r[f'speedup_{b}']:.2f}x" + (
+            f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['recipe']} | {r['exit']} | {r['error']} |" + " |" * 10)
@@ -149,7 +158,7 @@ def markdown(rows: list[dict]) -> str:
         macs = f(r["macs_kept"], ".3f") if r["macs_kept"] is not None else f"unknown ({r['macs_unknown']})"
         lines.append(
             f"| {r['model']} ({r['params_dense_m']:.1f}M) | {r['recipe']} | {r['exit']} | {r['params_kept']:.3f} | {macs} | "
-            f"{f(r['speedup_b1'], '.2f')}x | {f(r['speedup_b64'], '.2f')}x | {r['parity']:.1e} | {r['peak_rss_gib']:.1f} GiB | "
+            f"{speed(r, 'b1')} | {speed(r, 'b64')} | {r['parity']:.1e} | {r['peak_rss_gib']:.1f} GiB | "
             f"{f(r['search_s'], '.0f')} s | {f(r['finetune_s'], '.0f')} s | {f(r['export_s'], '.0f')} s | "
             f"{f(r['measure_s'], '.0f')} s | {r['wall_s']:.0f} s |")
     return "\n".join(lines) + "\n"
