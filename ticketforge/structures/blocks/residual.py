@@ -171,9 +171,11 @@ class Tracing:
         return self.calls.get(name) if self.calls else _single_input(module)
 
     def subtree(self, name: str) -> dict[str, dict]:
-        """The recorded calls of `name` and its submodules, by name relative to it ("" itself)."""
+        """The recorded calls of `name` and its submodules that are traced (torch.nn's own layers
+        are not), by name relative to it ("" itself)."""
+        leaf = fx.Tracer().is_leaf_module
         return {n[len(name):].lstrip("."): c for n, c in self.calls.items()
-                if n == name or n.startswith(name + ".")}
+                if (n == name or n.startswith(name + ".")) and not leaf(self.model.get_submodule(n), n)}
 
     def _decide(self, module: nn.Module) -> None:
         if id(module) in self.decided:
@@ -354,7 +356,15 @@ def removed_version(module: nn.Module, tracing: Tracing | None = None, name: str
     return RemovedBlock(found[0], type(module).__name__, tracing.call(name, module), tracing.subtree(name))
 
 
-def gated_version(module: nn.Module, tracing: Tracing | None = None, name: str = "") -> RemovedBlock:
+class GatedBlock(RemovedBlock):
+    """A block whose residual branches are scaled by its `gate` buffer (1: the block, 0: removed)."""
+
+    @property
+    def gate(self) -> torch.Tensor:
+        return self.rest.get_buffer(GATE)
+
+
+def gated_version(module: nn.Module, tracing: Tracing | None = None, name: str = "") -> GatedBlock:
     """The block computing post(x + gate * f(x)) (every residual branch scaled by the same gate),
     with `gate` a buffer (`gate_name`): 1 is the block as it is, 0 the block removed."""
     tracing = tracing or Tracing(module)
@@ -370,7 +380,7 @@ def gated_version(module: nn.Module, tracing: Tracing | None = None, name: str =
         args[1 - i] = scaled
         add.args = tuple(args)
     gm.recompile()
-    return RemovedBlock(gm, type(module).__name__, tracing.call(name, module))
+    return GatedBlock(gm, type(module).__name__, tracing.call(name, module))
 
 
 def gate_name(block: str) -> str:
