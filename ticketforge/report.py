@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ticketforge import gate, report_html, sanity
+from ticketforge import budget, gate, report_html, sanity
 from ticketforge.latency import describe
 
 
@@ -99,6 +99,8 @@ def to_markdown(r: dict) -> str:
         lines += ["", f"2:4: {back['valid']:,} of {back['groups']:,} weight groups in {back['layers']} eligible layers of "
                   f"`model.onnx` satisfy {nm['pattern']} ({_pct(back['fraction_valid'])}); "
                   f"{len(nm['ineligible_layers'])} layer(s) left dense (not eligible); mask decay `{nm['decay']}`."]
+    if r.get("budget"):
+        lines += ["", budget.markdown(r["budget"])]
     if "gate" in r:
         lines += ["", gate.to_markdown(r["gate"]).rstrip()]
     rounds = r["search"].get("rounds")
