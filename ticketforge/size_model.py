@@ -21,13 +21,26 @@ from ticketforge.sparse_storage import INDEX_BYTES
 ITEM_BYTES = {"none": 4, "fp16": 2, "int8": 1}
 
 
-def _exported_bytes(model, example) -> int:
+def _exported_bytes(model, example, quantize: str) -> int:
+    """Bytes of the dense model exported (and quantized) as the run will deploy it, all stored dense.
+    A quantized graph carries far more than its weights (Quantize/Dequantize pairs, scales, names),
+    so it is measured, not estimated; its size does not depend on the calibration data."""
+    from torch.utils.data import TensorDataset
+
+    from ticketforge import quantize as quant
     from ticketforge.export import export_onnx
     from ticketforge.recipe import ExportConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "dense.onnx"
         export_onnx(copy.deepcopy(model).cpu().eval(), example[:2].cpu(), path, ExportConfig(sparse_storage="never"))
+        if quantize == "int8":
+            x = example.cpu()
+            quant.quantize_int8(path, Path(tmp) / "q.onnx", TensorDataset(x, torch.zeros(len(x), dtype=torch.long)))
+            path = Path(tmp) / "q.onnx"
+        elif quantize == "fp16":
+            quant.convert_fp16(path, Path(tmp) / "q.onnx")
+            path = Path(tmp) / "q.onnx"
         return path.stat().st_size
 
 
@@ -38,10 +51,8 @@ def predictor(model, example, quantize: str = "none", storage: str = "auto"):
     item = ITEM_BYTES[quantize]
     numel = {k: w.numel() for k, w in weights.items()}
     total = sum(numel.values())
-    # the rest of the file: float32 tensors that are not prunable weights, and the graph itself
-    rest = _exported_bytes(model, example) - 4 * total
-    if quantize == "int8":  # per-output-channel scale (float32) and zero point (int8) of each weight
-        rest += sum(5 * w.shape[0] for w in prunable(model).values())
+    # the rest of the file: tensors that are not prunable weights, and the graph itself
+    rest = _exported_bytes(model, example, quantize) - item * total
     ordered = {k: torch.sort(w).values for k, w in weights.items()}
     everything = torch.sort(torch.cat(list(weights.values()))).values
 
