@@ -41,6 +41,7 @@ def select(plan: ChannelPlan, scores: list[torch.Tensor], target: float, round_t
             break
         counts = best[1]
         current = measure(counts)
+    counts, current = _give_back(plan, scores, order, counts, current, budget, round_to, measure)
     keep = [order[i][:counts[i]].sort().values for i in range(len(plan.groups))]
     info = {"groups": len(plan.groups), "kept_channels": {g.root: int(c) for g, c in zip(plan.groups, counts)},
             "group_sizes": {g.root: g.size for g in plan.groups},
@@ -60,6 +61,33 @@ def select(plan: ChannelPlan, scores: list[torch.Tensor], target: float, round_t
                          f"{target:g}: every prunable group is at its smallest count (groups left whole: "
                          f"{len(plan.skipped)})"]
     return keep, info
+
+
+def _give_back(plan, scores, order, counts, current, budget, round_to, measure):
+    """The last chunk dropped usually overshoots the budget by most of a chunk: put back, best score
+    per unit of cost first, every chunk that still fits."""
+    if current > budget:
+        return counts, current
+    while True:
+        best = None
+        for i, g in enumerate(plan.groups):
+            higher = [c for c in allowed_counts(g.size, round_to) if c > counts[i]]
+            if not higher:
+                continue
+            trial = list(counts)
+            trial[i] = higher[0]
+            value = measure(trial)
+            if value > budget:
+                continue
+            gained = float(scores[i].float().cpu()[order[i][counts[i]:higher[0]]].sum())
+            if gained <= 0:  # channels a tightened ticket already emptied stay out
+                continue
+            ratio = gained / max(value - current, 1e-12)
+            if best is None or ratio > best[0]:
+                best = (ratio, trial, value)
+        if best is None:
+            return counts, current
+        counts, current = best[1], best[2]
 
 
 def l1_scores(model: nn.Module, plan: ChannelPlan) -> list[torch.Tensor]:
