@@ -218,7 +218,7 @@ def main():
     # settings that bracket 1.5x-3x measured for each method (a point is only interpolated, never extrapolated)
     p.add_argument("--speedups", nargs="+", type=float, default=[1.3, 1.5, 2.0, 3.0, 3.5], help="cts-latency targets")
     p.add_argument("--macs", nargs="+", type=float, default=[0.75, 0.6, 0.4, 0.25, 0.15], help="MAC targets")
-    p.add_argument("--ratios", nargs="+", type=float, default=[0.15, 0.25, 0.4, 0.55, 0.7],
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.05, 0.1, 0.15, 0.25, 0.4, 0.55, 0.7],
                    help="MetaPruner ratios")
     p.add_argument("--dense-epochs", type=int, default=8)
     p.add_argument("--finetune", type=int, default=3, help="fine-tune epochs, the same for every method")

@@ -60,6 +60,14 @@ class Layer:
     def depthwise(self) -> bool:
         return self.op == "conv" and self.groups == self.cin == self.cout and self.groups > 1
 
+    @property
+    def positions(self) -> int:
+        """Output values per output channel of one sample (spatial positions, or tokens)."""
+        if self.op == "linear":
+            return int(np.prod(self.sample[:-1])) if len(self.sample) > 1 else 1
+        return int(np.prod([(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+                            zip(self.sample[1:], self.pads, self.dilation, self.kernel, self.stride)]))
+
 
 def layers_of(model, example) -> dict[str, Layer]:
     """Every Conv / Linear of a torch model with the input shape it sees on `example`."""
@@ -188,15 +196,17 @@ class Table:
         """Sum of every layer at its full width."""
         return sum(self.ms(n, e["in"][-1], e["out"][-1]) for n, e in self.layers.items())
 
-    def total(self, widths: dict[str, tuple[float, float]]) -> float:
+    def total(self, widths: dict[str, tuple[float, float]], activations: float = 1.0) -> float:
         """Predicted time of the whole model with each layer at widths[name] = (cin, cout), in ms:
         the layers' entries, scaled down if alone they add up to more than the whole model, plus what
-        the whole model takes beyond its layers."""
+        the whole model takes beyond its layers (adds, pooling, layout changes: memory-bound work on
+        the activations), scaled by `activations`, the fraction of the dense model's layer outputs
+        that the widths keep."""
         full = self.layers_ms
         rest = max(0.0, self.dense_ms - full)
         scale = min(1.0, self.dense_ms / full) if full > 0 else 1.0
-        return rest + scale * sum(self.ms(n, *widths.get(n, (e["in"][-1], e["out"][-1])))
-                                  for n, e in self.layers.items())
+        return rest * activations + scale * sum(self.ms(n, *widths.get(n, (e["in"][-1], e["out"][-1])))
+                                                for n, e in self.layers.items())
 
     def summary(self) -> dict:
         return {"path": self.path, "cached": self.cached, "seconds": round(self.seconds, 2), "batch": self.batch,

@@ -82,9 +82,12 @@ class LatencyCost:
     def __init__(self, plan: ChannelPlan, layers: dict, table):
         self.plan, self.layers, self.table = plan, layers, table
         self.dense = table.dense_ms
+        self.outputs = sum(l.cout * l.positions for l in layers.values())
 
     def __call__(self, counts) -> float:
-        return self.table.total(layer_widths(self.plan, self.layers, counts))
+        w = layer_widths(self.plan, self.layers, counts)
+        kept = sum(w[n][1] * l.positions for n, l in self.layers.items())
+        return self.table.total(w, kept / max(self.outputs, 1))
 
 
 def grids(plan: ChannelPlan, layers: dict, round_to: int) -> dict[str, tuple[list[int], list[int]]]:
