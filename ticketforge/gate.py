@@ -12,7 +12,10 @@ What each threshold measures (one check per row, so CI shows exactly what failed
   Rows without an interval (TensorRT engines, reports of older versions) are checked on their point
   value, and the check says so.
 - max_size_mb: the size of model.onnx.
-- min_sparsity: the sparsity of the prunable weights read back from model.onnx."""
+- min_sparsity: the sparsity of the prunable weights read back from model.onnx.
+A run with a budget (search.target_speedup, target_latency_ms, max_size_mb: ticketforge.budget)
+also gets one check for it, always: the budget is what the user asked for, so a run that misses it
+fails the gate (exit 1), even where no threshold is set."""
 from __future__ import annotations
 
 import dataclasses
@@ -76,6 +79,11 @@ def evaluate(report: Report, thresholds: dict) -> dict:
     if t["min_sparsity"] is not None:
         sp = report.sparsity["achieved"]
         checks.append(_check("min_sparsity[model.onnx]", t["min_sparsity"], sp, sp >= t["min_sparsity"]))
+    b = report.budget
+    if b:
+        where = f"batch {b['batch']}" if b.get("batch") else b.get("file", "model.onnx")
+        checks.append(_check(f"budget[{b['key']}, {where}]", b["target"], b["measured"], b["met"],
+                             "point value of the verify step's measurement" if b.get("ci") else None))
     return {"passed": all(c["passed"] for c in checks), "checks": checks}
 
 

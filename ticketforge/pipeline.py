@@ -227,6 +227,7 @@ def build_report(job: Job, run: steps.Run, runner: Runner, classes: int, key: st
         "parity_mean": m["parity"]["mean"],
         "parity_samples": m["parity"]["samples"],
         "latency": m["latency"],
+        **({"budget": m["budget"]} if "budget" in m else {}),
         "latency_env": latency.environment("CPUExecutionProvider", m["timing"].threads),
         "timings": {k: round(v, 3) for k, v in runner.timings.items()},
         "notes": run.notes,

@@ -56,6 +56,15 @@ class SearchConfig:
     stop_window: int = opt(5, "CTS: checks in a row the top-k set must hold", lo=1)
     check_every: int = opt(0, "CTS: steps between checks of the top-k set (0: a quarter epoch)", lo=0)
     sanity: bool = opt(False, "also train the sanity-check variants (shuffled, inverted, re-initialised)")
+    # Budgets users think in (ticketforge.budget): each replaces sparsity / target_macs / blocks.
+    target_speedup: Optional[float] = opt(None, "channels / blocks: measured speed-up of model.onnx over dense.onnx "
+                                          "(ONNX Runtime, at validate.budget_batch)", lo=1.0, lo_open=True)
+    target_latency_ms: Optional[float] = opt(None, "channels / blocks: measured median latency of model.onnx in ms "
+                                             "(ONNX Runtime, at validate.budget_batch)", lo=0.0, lo_open=True)
+    max_size_mb: Optional[float] = opt(None, "size of the deployed file in MB (model.onnx with sparse storage, or "
+                                       "model.int8.onnx with export.quantize int8)", lo=0.0, lo_open=True)
+    budget_margin: float = opt(0.1, "latency budgets: the search aims this fraction beyond the target, for what its "
+                               "latency table does not predict; the verify step then times the export", lo=0.0)
 
 
 @dataclass
@@ -119,6 +128,10 @@ class ValidateConfig:
                              lo=0.0, lo_open=True)
     threads: int = opt(1, "ONNX Runtime intra-op threads while timing (fixed, so that numbers compare across "
                        "machines; 0: every core of this one)", lo=0)
+    budget_batch: Optional[int] = opt(None, "batch size a latency budget (search.target_speedup, target_latency_ms) "
+                                      "is taken at, one of latency_batches; unset: the largest", lo=1)
+    budget_rounds: int = opt(3, "budgets: at most this many times the verify step removes more and re-measures "
+                             "when the exported model misses its budget", lo=0)
     parity_tol: float = opt(1e-3, "max abs logit difference allowed between torch and ONNX", lo=0.0, lo_open=True)
 
 
@@ -276,6 +289,7 @@ def validate(data: dict) -> Recipe:
     recipe = _build(Recipe, data, "")
     method = METHODS.get(recipe.search.method, "recipe key 'search.method'")
     structure = structures.get(recipe.convert.structure)
+    recipe.source = copy.deepcopy(data)  # what the user wrote: variants (a sweep's points) re-validate from it
     structure.check(recipe)
     # A key the chosen method and structure do not read is a mistake, not a setting: say so.
     given = data.get("search") or {}
@@ -296,7 +310,6 @@ def validate(data: dict) -> Recipe:
     if recipe.gate.batch is not None and recipe.gate.batch not in recipe.validate.latency_batches:
         raise UserError(f"recipe key 'gate.batch': {recipe.gate.batch} is not timed; validate.latency_batches is "
                         f"{recipe.validate.latency_batches}")
-    recipe.source = copy.deepcopy(data)  # what the user wrote: variants (a sweep's points) re-validate from it
     return recipe
 
 
@@ -428,6 +441,12 @@ def _drop_builtin_leftovers(data: dict, base: dict, given: list[list[str]]) -> N
     method, structure = search.get("method"), (convert or {}).get("structure", "unstructured")
     if method not in METHODS or structure not in structures.STRUCTURES:
         return  # validate() names the problem
+    # A budget the user gives replaces the built-in recipe's (cts-channels' target_macs 0.5 under
+    # --set search.target_speedup=2): a run has one budget, and only the user's counts as given.
+    choosable = structures.get(structure).choosable()
+    if any(["search", k] in given for k in choosable):
+        for key in [k for k in choosable if k in search and ["search", k] not in given]:
+            del search[key]
     if method == base.get("search", {}).get("method") and structure == base.get("convert", {}).get("structure",
                                                                                                   "unstructured"):
         return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ticketforge import gate, report_html, sanity
+from ticketforge import budget, gate, report_html, sanity
 from ticketforge.latency import describe
 from ticketforge.report_schema import Report
 
@@ -110,6 +110,8 @@ def to_markdown(r: Report) -> str:
         lines += ["", f"2:4: {back['valid']:,} of {back['groups']:,} weight groups in {back['layers']} eligible layers of "
                   f"`model.onnx` satisfy {nm['pattern']} ({_pct(back['fraction_valid'])}); "
                   f"{len(nm['ineligible_layers'])} layer(s) left dense (not eligible); mask decay `{nm['decay']}`."]
+    if r.budget:
+        lines += ["", budget.markdown(r.budget)]
     lines += ["", gate.to_markdown(r.gate).rstrip()]
     rounds = r.search.get("rounds")
     if rounds:  # iterative searches (IMP): one row per round

@@ -6,7 +6,7 @@ import base64
 import html
 import io
 
-from ticketforge import gate
+from ticketforge import budget, gate
 from ticketforge.latency import describe
 from ticketforge.report_schema import Report
 
@@ -119,6 +119,8 @@ def render(r: Report) -> str:
         f"<code>{html.escape(r.recipe['convert']['structure'])}</code>, device {html.escape(r.device)}, "
         f"seed {r.seed}, ticketforge {html.escape(r.ticketforge_version)}</div>",
         banner,
+        *([f"<p>{html.escape(budget.markdown(r.budget).replace('**', '').replace('`', ''))}</p>"]
+          if r.budget else []),
         "<h2>Summary</h2>", _table(["", "dense", "compressed"], summary),
     ]
     if g["checks"]:

@@ -2,7 +2,7 @@
 rank are the runner's: ticketforge.runner). They share one `Run`: its inputs, and what each step
 leaves for the next.
 
-    dense -> search -> sanity -> finetune -> convert -> export -> measure -> deploy
+    dense -> search -> sanity -> finetune -> convert -> export -> budget -> measure -> deploy
 """
 from __future__ import annotations
 
@@ -99,11 +99,21 @@ def _search_log(run: Run) -> None:
     run.ui.log(f"search: {r.search.method} ({run.structure.budget(r)}, structure {run.structure.name})")
 
 
+def _plan_budget(run: Run) -> dict:
+    """A budget the structure meets by its own key (a size by a sparsity) is turned into it before
+    the search; the search's report gets what was planned."""
+    run.recipe, planned = run.structure.plan_budget(run.model, run.recipe, run.example(), run.ui.log)
+    return planned
+
+
 def search_step(run: Run) -> dict | None:
     _search_log(run)
+    planned = _plan_budget(run)
     ctx = SearchContext(model=run.model, loaded=run.loaded, data=run.bundle, recipe=run.recipe, device=run.device,
                         seed=run.seed, ui=run.ui, workdir=run.state.subdir("search") if run.state else None)
     found = search.run(ctx)
+    notes = found.info.get("notes", []) + planned.pop("notes", [])
+    found.info.update(planned, **({"notes": notes} if notes else {}))
     _after_search(run, found)
     if _shapes(found.model) != _shapes(run.dense_copy):
         run.ui.log("search changed the model's structure: a resumed run repeats it")
@@ -115,6 +125,7 @@ def search_step(run: Run) -> dict | None:
 
 def _restore_search(run: Run, saved: dict) -> None:
     _search_log(run)
+    _plan_budget(run)
     run.model.load_state_dict(saved["model"])
     found = SearchResult(model=run.model, mask=Mask(saved["mask"]) if saved["mask"] is not None else None,
                          info=saved["info"], scores=saved["scores"],
@@ -187,10 +198,18 @@ def export_step(run: Run) -> dict:
     files = run.state.dir / "export"
     shutil.rmtree(files, ignore_errors=True)  # a killed run's partial files
     files = run.state.subdir("export")
-    model = run.converted.model.cpu()  # exported and checked on the CPU, where ONNX Runtime runs
-    example = run.bundle.example(2)
-    export_mod.export_onnx(run.dense_copy, example, files / "dense.onnx", run.recipe.export, run.bundle.inputs)
-    export_mod.export_onnx(model, example, files / "model.onnx", run.recipe.export, run.bundle.inputs)
+    export_mod.export_onnx(run.dense_copy, run.bundle.example(2), files / "dense.onnx", run.recipe.export, run.bundle.inputs)
+    storage = _write_model(run, files)
+    result = {"files": sorted(p.name for p in files.iterdir()), "storage": storage}
+    _restore_export(run, result)
+    return result
+
+
+def _write_model(run: Run, files: Path) -> dict:
+    """model.onnx (with sparse storage), ticket.pt and, for an HF model whose shapes did not change, an
+    HF folder of the converted model; returns the storage info."""
+    model = run.converted.model.cpu()
+    export_mod.export_onnx(model, run.bundle.example(2), files / "model.onnx", run.recipe.export, run.bundle.inputs)
     storage = sparse_storage.store(files / "model.onnx", run.recipe.export.sparse_storage,
                                    validate.feed(files / "model.onnx", run.bundle.example(validate.CHECK_SAMPLES)))
     conversions = list(run.loaded.conversions)
@@ -203,9 +222,7 @@ def export_step(run: Run) -> dict:
         # unstructured and 2:4 keep the architecture as its config describes it: the user's HF
         # tooling reads the result as it is
         hf.save_folder(model, files / "hf", run.loaded.source)
-    result = {"files": sorted(p.name for p in files.iterdir()), "storage": storage}
-    _restore_export(run, result)
-    return result
+    return storage
 
 
 def _restore_export(run: Run, saved: dict) -> None:
@@ -213,6 +230,25 @@ def _restore_export(run: Run, saved: dict) -> None:
     for name in saved["files"]:
         src = run.state.dir / "export" / name
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, run.out / name)
+
+
+# ---------------------------------------------------------------- budget: measure the export against it, adjust
+
+def budget_step(run: Run) -> None:
+    """Not saved: a resumed run restores the export as first written and verifies it again; files it
+    rewrites go only to the output folder."""
+    from ticketforge import budget_verify
+
+    def rewrite(r: Run) -> None:
+        r.measured["storage"] = _write_model(r, r.out)
+
+    run.measured["budget"] = budget_verify.verify(run, rewrite)
+
+
+def _has_budget(run: Run) -> bool:
+    from ticketforge import budget
+
+    return budget.key(run.recipe) is not None
 
 
 # ---------------------------------------------------------------- measure
@@ -272,6 +308,7 @@ STEPS = (
     Step("finetune", finetune_step, _restore_finetune),
     Step("convert", convert_step),
     Step("export", export_step, _restore_export, main_only=True),
+    Step("budget", budget_step, main_only=True, when=_has_budget),
     Step("measure", measure, main_only=True),
     Step("deploy", deploy, main_only=True, when=_wants_deploy),
 )

@@ -17,10 +17,12 @@ import math
 
 import torch
 
+from ticketforge import budget
 from ticketforge.errors import UserError
 from ticketforge.macs import layer_macs
 from ticketforge.search.base import SearchContext, SearchResult
 from ticketforge.search.cts import concrete_search
+from ticketforge.structures.blocks.cost import block_costs
 from ticketforge.structures.blocks.residual import choose, gate_name, install_gates, removable_blocks, remove_blocks
 
 
@@ -36,10 +38,11 @@ def cts_blocks(ctx: SearchContext) -> SearchResult:
         raise UserError(f"search.blocks={cfg.blocks}, but the model has only {len(names)} removable blocks "
                         f"({', '.join(names)})")
     counted = layer_macs(ctx.model, example)
-    total = counted.total
     macs = {n: counted.within(n) for n in names}
+    # what the budget is met on: MACs, or measured latency or bytes with a budget in those
+    block_cost, total, target, cost_info = block_costs(ctx.model, names, ctx.recipe, ctx.example(8), ctx.ui.log)
     ctx.ui.log(f"layer pruning: {len(names)} removable blocks: "
-               + ", ".join(f"{n} ({macs[n] / total:.1%} of MACs)" for n in names))
+               + ", ".join(f"{n} ({block_cost[n] / total:.1%} of {cost_info['cost']})" for n in names))
 
     # Search: one gate per block on a copy whose blocks scale their branch by the gate.
     gated = install_gates(copy.deepcopy(ctx.model), names, example)
@@ -48,25 +51,33 @@ def cts_blocks(ctx: SearchContext) -> SearchResult:
         costs = {keys[n]: torch.ones(()) for n in names}
         kept_cost = float(len(names) - cfg.blocks)
     else:
-        costs = {keys[n]: torch.tensor(float(macs[n])) for n in names}
-        kept_cost = max(0.0, cfg.target_macs * total - (total - sum(macs.values())))
+        # costs as fractions of the dense model's: GRADBALANCE only sees their ratios to the budget
+        costs = {keys[n]: torch.tensor(float(block_cost[n] / total)) for n in names}
+        kept_cost = max(0.0, target - (1 - sum(block_cost.values()) / total))
     density = min(max(kept_cost / float(sum(c for c in costs.values())), 0.05), 0.95)
     logits = {k: torch.full((), math.log(density / (1 - density))) for k in costs}
-    trained, info = concrete_search(dataclasses.replace(ctx, model=gated), logits, costs, max(kept_cost, 1.0),
+    trained, info = concrete_search(dataclasses.replace(ctx, model=gated), logits, costs,
+                                    max(kept_cost, 1.0) if cfg.blocks else max(kept_cost, 1e-3),
                                     overrides=lambda soft: soft, desc="search (block gates)")
     scores = {n: float(trained[keys[n]]) for n in names}
 
-    chosen = choose(scores, macs, total, cfg.blocks, cfg.target_macs)
+    chosen = choose(scores, block_cost, total, cfg.blocks, target)
     model = remove_blocks(ctx.model, chosen, example=example)
-    kept = total - sum(macs[n] for n in chosen)
+    kept = counted.total - sum(macs[n] for n in chosen)
+    kept_cost = total - sum(block_cost[n] for n in chosen)
     info.update({"method": "cts-blocks", "candidates": names, "removed": chosen,
-                 "scores": scores, "block_macs": macs, "macs_kept_fraction": kept / total,
-                 "budget": f"{cfg.blocks} blocks" if cfg.blocks else f"target_macs {cfg.target_macs:g}"})
+                 "scores": scores, "block_macs": macs, "macs_kept_fraction": kept / counted.total,
+                 "block_costs": block_cost, "cost_total": total, "cost_kept": kept_cost / total, **cost_info,
+                 "budget": f"{cfg.blocks} blocks" if cfg.blocks else
+                 (budget.describe(ctx.recipe) or f"target_macs {cfg.target_macs:g}")})
+    if "latency_table" in cost_info:
+        info["predicted_speedup"] = total / max(kept_cost, 1e-12)
     notes = [f"layer pruning removed {len(chosen)} of {len(names)} residual blocks ({', '.join(chosen)}); "
-             f"{kept / total:.1%} of the MACs kept"]
-    if not cfg.blocks and kept > cfg.target_macs * total:
-        notes.append(f"search.target_macs={cfg.target_macs:g} is below what removing every removable block "
-                     f"reaches ({kept / total:.1%})")
+             f"{kept / counted.total:.1%} of the MACs kept"
+             + (f", predicted {info['predicted_speedup']:.2f}x" if "predicted_speedup" in info else "")]
+    if not cfg.blocks and kept_cost > target * total:
+        notes.append(f"the budget ({info['budget']}) is beyond what removing every removable block reaches "
+                     f"({kept_cost / total:.1%} of the dense {cost_info['cost']})")
     info["notes"] = notes
     ctx.ui.log(notes[0])
     return SearchResult(model=model, mask=None, info=info)

@@ -17,6 +17,7 @@ import torch
 
 from ticketforge.search.base import SearchContext, SearchResult
 from ticketforge.search.cts import concrete_search
+from ticketforge.structures.channels import cost as channel_cost
 from ticketforge.structures.channels.graph import discover
 from ticketforge.structures.channels.select import l1_scores, select
 from ticketforge.structures.channels.surgery import channel_mask, fold_shifts
@@ -39,13 +40,15 @@ def _gate_targets(model, plan) -> list[list[tuple[str, torch.Tensor, torch.Tenso
 
 
 def cts_channels(ctx: SearchContext) -> SearchResult:
-    cfg, model = ctx.recipe.search, ctx.model
+    model = ctx.model
     example = ctx.example(8)
     plan = discover(model, example)
-    uniform = plan.uniform_counts(cfg.target_macs)
+    # MACs, or with a budget in speed, latency or bytes the measured cost (channels/cost.py)
+    cost, target, cost_info = channel_cost.for_recipe(model, plan, ctx.recipe, example, ctx.ui.log)
+    uniform = plan.uniform_counts(target, cost)
     frac = min(max(uniform[0] / plan.groups[0].size if plan.groups else 1.0, 1e-3), 1 - 1e-3)
-    per_channel = plan.marginal_costs(uniform)
-    scale = plan.dense_macs  # costs in units of the dense model's MACs keep GRADBALANCE's numbers O(1)
+    per_channel = plan.marginal_costs(uniform, cost)
+    scale = cost.dense  # costs in units of the dense model's cost keep GRADBALANCE's numbers O(1)
     names = [f"group{i}" for i in range(len(plan.groups))]
     logits = {n: torch.full((g.size,), math.log(frac / (1 - frac))) for n, g in zip(names, plan.groups)}
     costs = {n: torch.full((g.size,), c / scale) for n, g, c in zip(names, plan.groups, per_channel)}
@@ -67,25 +70,36 @@ def cts_channels(ctx: SearchContext) -> SearchResult:
 
     trained, info = concrete_search(ctx, logits, costs, kept_cost, overrides, desc="search (CTS, channels)")
     scores = [torch.sigmoid(trained[n]).cpu() for n in names]
-    keep, sel = select(plan, scores, cfg.target_macs, ctx.recipe.convert.round_to)
+    keep, sel = select(plan, scores, target, ctx.recipe.convert.round_to, cost=channel_cost.plain(cost))
     mask = channel_mask(model, plan, keep)
     info.update(sel)
-    info.update({"method": "cts-channels", "kept_budget_units": "fraction of dense MACs (linearised)"})
-    ctx.ui.log(f"search: kept {sel['macs_kept']:.3f} of the dense MACs over {sel['groups']} channel groups "
-               f"(counts rounded to multiples of {sel['round_to']})")
+    info.update(cost_info)
+    info.update(channel_cost.describe_kept(cost, [len(k) for k in keep]))
+    info.update({"method": "cts-channels", "kept_budget_units": f"fraction of dense {cost.name} (linearised)"})
+    _log_kept(ctx, info)
     return SearchResult(model=model, mask=mask, info=info)
 
 
+def _log_kept(ctx: SearchContext, sel: dict) -> None:
+    extra = (f", predicted {sel['predicted_speedup']:.2f}x at batch {sel['latency_table']['batch']}"
+             if "predicted_speedup" in sel else f", predicted {sel['predicted_mb']:.3f} MB" if "predicted_mb" in sel
+             else "")
+    ctx.ui.log(f"search: kept {sel['macs_kept']:.3f} of the dense MACs over {sel['groups']} channel groups "
+               f"(counts rounded to multiples of {sel['round_to']}){extra}")
+
+
 def magnitude_channels(ctx: SearchContext) -> SearchResult:
-    cfg, model = ctx.recipe.search, ctx.model
+    model = ctx.model
     example = ctx.example(8)
     plan = discover(model, example)
-    keep, sel = select(plan, l1_scores(model, plan), cfg.target_macs,
-                                 ctx.recipe.convert.round_to)
+    cost, target, cost_info = channel_cost.for_recipe(model, plan, ctx.recipe, example, ctx.ui.log)
+    keep, sel = select(plan, l1_scores(model, plan), target, ctx.recipe.convert.round_to,
+                       cost=channel_cost.plain(cost))
     spread = fold_shifts(model, plan, keep, example)
     mask = channel_mask(model, plan, keep)
+    sel.update(cost_info)
+    sel.update(channel_cost.describe_kept(cost, [len(k) for k in keep]))
     sel.update({"method": "magnitude-channels", "scores": "L1 per channel, normalised per group",
                 "fold_spread": spread})
-    ctx.ui.log(f"search: kept {sel['macs_kept']:.3f} of the dense MACs over {sel['groups']} channel groups "
-               f"(counts rounded to multiples of {sel['round_to']})")
+    _log_kept(ctx, sel)
     return SearchResult(model=model, mask=mask, info=sel)

@@ -9,6 +9,9 @@ A structure is everything the rest of the pipeline needs to know about one targe
   its training hook (e.g. 2:4's mask decay);
 - `convert(...)`: turn the fine-tuned ticket into the structure (a `Converted`), `verify(...)`: check
   the exported file really has it (a report section, or a VerificationError);
+- budgets users think in (ticketforge.budget): `plan_budget(...)` turns one into the structure's own
+  key before the search (a size into a sparsity), `tighten(...)` removes more when the exported
+  model misses it;
 - `rebuild(model, spec)`: redo the conversion on a freshly built model from the plain-data spec
   that `convert` wrote into ticket.pt, so that every ticket loads as the MODEL of a later run.
 
@@ -45,27 +48,44 @@ class Structure:
     summary: str = ""
     methods: tuple[str, ...] = ()        # search methods whose tickets this structure takes
     budget_keys: tuple[str, ...] = ()    # `search` keys that set the budget
+    fixed_keys: tuple[str, ...] = ()     # budget keys accepted but not free to choose (2:4's sparsity)
     sweep_key: str | None = None         # the `search` key a sweep varies; None: nothing to sweep
     convert_keys: tuple[str, ...] = ()   # `convert` keys it reads beyond `structure`
 
     # ------------------------------------------------------------ before any work
     def check(self, recipe: "Recipe") -> None:
         """Raise UserError when the recipe does not fit this structure."""
+        from ticketforge import budget
+
         if recipe.search.method not in self.methods:
             raise UserError(f"recipe: convert.structure '{self.name}' takes tickets of the search methods "
                             f"{', '.join(self.methods)}; got search.method '{recipe.search.method}'")
+        budget.check(recipe, self.choosable())
 
     def search_keys(self, method: str) -> tuple[str, ...]:
         """The `search` keys this structure reads with `method` (its budget)."""
         return self.budget_keys
 
+    def choosable(self) -> tuple[str, ...]:
+        """The budget keys of which a run sets exactly one."""
+        return tuple(k for k in self.budget_keys if k not in self.fixed_keys and k != "budget_margin")
+
     def budget(self, recipe: "Recipe") -> str:
         """The budget in words, for the log."""
-        return ", ".join(f"{k} {getattr(recipe.search, k):g}" for k in self.budget_keys) or "fixed"
+        from ticketforge import budget
+
+        return budget.describe(recipe) or ", ".join(
+            f"{k} {getattr(recipe.search, k):g}" for k in self.budget_keys
+            if k not in budget.USER_KEYS and k != "budget_margin") or "fixed"
 
     def target_sparsity(self, recipe: "Recipe") -> float | None:
         """The weight sparsity the recipe asks for, where it asks for one."""
         return None
+
+    def plan_budget(self, model, recipe: "Recipe", example, log) -> tuple["Recipe", dict]:
+        """Before the search: the recipe with a user budget (ticketforge.budget) turned into this
+        structure's own key where the search needs one, and what was planned (for the report)."""
+        return recipe, {}
 
     # ------------------------------------------------------------ around the fine-tune
     def prepare(self, model, mask, recipe, example) -> tuple[Any, Any, dict]:
@@ -83,6 +103,12 @@ class Structure:
 
     def verify(self, onnx_path, dense_onnx_path, converted: Converted, recipe: "Recipe") -> dict | None:
         """Check the exported file has the structure; returns a report section (or None)."""
+        return None
+
+    def tighten(self, model, mask, recipe: "Recipe", example, keep: float, info: dict):
+        """The budget step found the export over its budget: remove more from the fine-tuned `model`
+        (in place) so that its cost falls to about `keep` x what it is, least useful parts first.
+        `info` is the search's report section. Returns (model, mask), or None when nothing is left."""
         return None
 
     def rebuild(self, model, spec: dict):

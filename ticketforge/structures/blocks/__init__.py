@@ -3,6 +3,7 @@ zeroed (e.g. relu(x) for relu(x + f(x))), with every op of the branch gone. Fast
 Finding and removing blocks is residual.py; choosing them is the search (cts-blocks)."""
 from __future__ import annotations
 
+from ticketforge.budget import LATENCY_KEYS, SIZE_KEY, describe
 from ticketforge.errors import UserError
 from ticketforge.structures import Converted, Structure, fewer_weights
 
@@ -11,12 +12,12 @@ class Blocks(Structure):
     name = "blocks"
     summary = "removed residual blocks (faster everywhere)"
     methods = ("cts-blocks",)
-    budget_keys = ("target_macs", "blocks")
+    budget_keys = ("target_macs", "blocks") + LATENCY_KEYS + (SIZE_KEY, "budget_margin")
     sweep_key = "target_macs"
 
     def budget(self, recipe) -> str:
         s = recipe.search
-        return f"{s.blocks} blocks" if s.blocks else f"target MACs {s.target_macs:g} of dense"
+        return describe(recipe) or (f"{s.blocks} blocks" if s.blocks else f"target MACs {s.target_macs:g} of dense")
 
     def check(self, recipe) -> None:
         super().check(recipe)
@@ -41,6 +42,28 @@ class Blocks(Structure):
         # How each block was called (plain data) rebuilds it from a ticket, as it was traced here.
         return Converted(model=model, mask=mask, info=info,
                          spec={"removed_blocks": list(removed), "calls": recorded_calls(model)})
+
+    def tighten(self, model, mask, recipe, example, keep, info):
+        """The next blocks by the search's gate score (lowest first) go until the budget's cost (the
+        search's per-block costs) falls to `keep` x what it is now."""
+        from ticketforge.structures.blocks.residual import RemovedBlock, remove_blocks
+
+        costs, scores = info.get("block_costs"), info.get("scores")
+        if not costs or not scores:
+            return None
+        gone = {n for n, m in model.named_modules() if isinstance(m, RemovedBlock)}
+        left = sorted((n for n in costs if n not in gone), key=lambda n: scores[n])
+        current = info["cost_total"] - sum(costs[n] for n in gone)
+        chosen, saved = [], 0.0
+        for n in left:
+            if chosen and current - saved <= keep * current:
+                break
+            chosen.append(n)
+            saved += costs[n]
+        if not chosen:
+            return None
+        remove_blocks(model, chosen)
+        return model, mask
 
     def verify(self, onnx_path, dense_onnx_path, converted, recipe):
         fewer_weights(onnx_path, dense_onnx_path, "blocks: no block was removed")

@@ -5,6 +5,7 @@ they cost), select.py (which stay), surgery.py (masks, BatchNorm-shift folding, 
 (rebuilding the shrunk model from plain data)."""
 from __future__ import annotations
 
+from ticketforge.budget import LATENCY_KEYS, SIZE_KEY, describe
 from ticketforge.structures import Converted, Structure, fewer_weights
 from ticketforge.structures.unstructured import WEIGHT_METHODS
 
@@ -14,7 +15,7 @@ class Channels(Structure):
     summary = "removed channels (faster on any runtime)"
     # A weight-level ticket is turned into channels too: the channels its mask left emptiest go.
     methods = ("cts-channels", "magnitude-channels") + WEIGHT_METHODS
-    budget_keys = ("target_macs",)
+    budget_keys = ("target_macs",) + LATENCY_KEYS + (SIZE_KEY, "budget_margin")
     sweep_key = "target_macs"
     convert_keys = ("round_to",)
 
@@ -23,25 +24,28 @@ class Channels(Structure):
         return self.budget_keys + (("sparsity",) if method in WEIGHT_METHODS else ())
 
     def budget(self, recipe) -> str:
-        return f"target MACs {recipe.search.target_macs:g} of dense"
+        return describe(recipe) or f"target MACs {recipe.search.target_macs:g} of dense"
 
     def _selection(self, model, mask, recipe, example):
         """The channel groups and which channels stay. A mask from a channel search says it directly;
         any other mask (an unstructured ticket) is turned into one by dropping the channels it left
         emptiest until search.target_macs is met, their BatchNorm shift folded into the consumers."""
-        from ticketforge.structures.channels import graph, select, surgery
+        from ticketforge.structures.channels import cost, graph, select, surgery
 
         plan = graph.discover(model, example)
         keep = surgery.keep_from_mask(plan, mask, model) if mask is not None else None
         info: dict = {"structure": self.name, "groups": len(plan.groups), "left_whole": plan.skipped}
         if keep is None:
             scores = (select.mask_density_scores(plan, mask) if mask is not None else select.l1_scores(model, plan))
-            keep, sel = select.select(plan, scores, recipe.search.target_macs, recipe.convert.round_to)
+            measure, target, cost_info = cost.for_recipe(model, plan, recipe, example)
+            keep, sel = select.select(plan, scores, target, recipe.convert.round_to, cost=cost.plain(measure))
             sel["fold_spread"] = surgery.fold_shifts(model, plan, keep, example)
             mask = surgery.channel_mask(model, plan, keep)
             info.update(sel)
-            info["notes"] = [f"the ticket was not channel-structured: the channels its mask left emptiest were "
-                             f"dropped to keep {sel['macs_kept']:.3f} of the dense MACs"]
+            info.update(cost_info)
+            info["notes"] = sel.get("notes", []) + [
+                f"the ticket was not channel-structured: the channels its mask left emptiest were dropped to keep "
+                f"{sel['macs_kept']:.3f} of the dense MACs"]
         return plan, keep, mask, info
 
     def prepare(self, model, mask, recipe, example):
@@ -67,6 +71,29 @@ class Channels(Structure):
         info["kept_channels"] = {g.root: int(len(k)) for g, k in zip(plan.groups, keep)}
         info["group_sizes"] = {g.root: g.size for g in plan.groups}
         return Converted(model=shrunk, mask=None, info=info, spec=spec.arch_spec(shrunk))
+
+    def tighten(self, model, mask, recipe, example, keep, info):
+        """More channels go: the budget's cost (the measured latency table, cached from the search,
+        or bytes) falls to `keep` x its current value, the chunks with the least L1 (of the fine-tuned
+        weights) per unit of cost saved first. The channels already removed have no weight left, so
+        they stay removed."""
+        from ticketforge.structures.channels import cost, graph, select, surgery
+
+        plan = graph.discover(model, example)
+        current = surgery.keep_from_mask(plan, mask, model) if mask is not None else None
+        if current is None:
+            return None
+        measure, _, _ = cost.for_recipe(model, plan, recipe, example)
+        counts = [len(k) for k in current]
+        target = measure(counts) * keep / measure.dense
+        scores = select.l1_scores(model, plan)
+        new, _ = select.select(plan, scores, target, recipe.convert.round_to, cost=cost.plain(measure))
+        if [len(k) for k in new] == counts:
+            return None
+        surgery.fold_shifts(model, plan, new, example)
+        mask = surgery.channel_mask(model, plan, new)
+        mask.apply(model)
+        return model, mask
 
     def verify(self, onnx_path, dense_onnx_path, converted, recipe):
         fewer_weights(onnx_path, dense_onnx_path, "channels: no channel was removed")

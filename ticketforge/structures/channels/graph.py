@@ -78,22 +78,26 @@ class ChannelPlan:
                 removed_in[m.module] += len(m.idx) * (1 - f)
         return sum(macs * frac_out[n] * (1 - removed_in[n] / self.layer_in[n]) for n, macs in self.layer_macs.items())
 
-    def marginal_costs(self, counts: list[float]) -> list[float]:
-        """dMACs / d(one channel of group g) at `counts`: the per-gate cost for CTS's budget."""
-        base = self.macs(counts)
+    def marginal_costs(self, counts: list[float], cost=None) -> list[float]:
+        """dMACs / d(one channel of group g) at `counts`: the per-gate cost for CTS's budget (or of
+        another cost of the counts, e.g. the measured latency: channels/cost.py)."""
+        cost = cost or self.macs
+        base = cost(counts)
         out = []
         for i, g in enumerate(self.groups):
             bumped = list(counts)
             bumped[i] = counts[i] - 1
-            out.append(base - self.macs(bumped))
+            out.append(base - cost(bumped))
         return out
 
-    def uniform_counts(self, target: float) -> list[float]:
-        """Fractional counts keeping the same fraction of every group so MACs = target x dense."""
+    def uniform_counts(self, target: float, cost=None) -> list[float]:
+        """Fractional counts keeping the same fraction of every group so MACs (or `cost`) = target x dense."""
+        dense = cost.dense if cost is not None else self.dense_macs
+        cost = cost or self.macs
         lo, hi = 0.0, 1.0
         for _ in range(50):
             mid = (lo + hi) / 2
-            if self.macs([mid * g.size for g in self.groups]) > target * self.dense_macs:
+            if cost([mid * g.size for g in self.groups]) > target * dense:
                 hi = mid
             else:
                 lo = mid

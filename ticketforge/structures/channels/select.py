@@ -15,14 +15,17 @@ def allowed_counts(size: int, round_to: int, unit: int = 1) -> list[int]:
     return sorted({size} | {m for m in range(step, size, step)})
 
 
-def select(plan: ChannelPlan, scores: list[torch.Tensor], target: float, round_to: int) -> tuple[list[torch.Tensor], dict]:
+def select(plan: ChannelPlan, scores: list[torch.Tensor], target: float, round_to: int,
+           cost=None) -> tuple[list[torch.Tensor], dict]:
     """Kept channels per group: starting from all, repeatedly drop the chunk (down to the next
     allowed count) with the least score per MAC saved, until the exact MACs meet target x dense.
-    Rounding is part of the search, so the budget holds for the counts actually exported."""
-    budget = target * plan.dense_macs
+    Rounding is part of the search, so the budget holds for the counts actually exported.
+    `cost` (channels/cost.py: measured latency, bytes) replaces the MACs where a budget is in those."""
+    measure = cost or plan.macs
+    budget = target * (cost.dense if cost is not None else plan.dense_macs)
     order = [torch.argsort(s.float().cpu(), descending=True) for s in scores]
     counts = [g.size for g in plan.groups]
-    current = plan.macs(counts)
+    current = measure(counts)
     while current > budget:
         best = None
         for i, g in enumerate(plan.groups):
@@ -31,7 +34,7 @@ def select(plan: ChannelPlan, scores: list[torch.Tensor], target: float, round_t
                 continue
             trial = list(counts)
             trial[i] = lower[-1]
-            saved = current - plan.macs(trial)
+            saved = current - measure(trial)
             lost = float(scores[i].float().cpu()[order[i][lower[-1]:counts[i]]].sum())
             ratio = lost / max(saved, 1e-12)
             if best is None or ratio < best[0]:
@@ -39,17 +42,54 @@ def select(plan: ChannelPlan, scores: list[torch.Tensor], target: float, round_t
         if best is None:
             break
         counts = best[1]
-        current = plan.macs(counts)
+        current = measure(counts)
+    counts, current = _give_back(plan, scores, order, counts, current, budget, round_to, measure)
     keep = [order[i][:counts[i]].sort().values for i in range(len(plan.groups))]
     info = {"groups": len(plan.groups), "kept_channels": {g.root: int(c) for g, c in zip(plan.groups, counts)},
-            "group_sizes": {g.root: g.size for g in plan.groups}, "macs_kept": current / max(plan.dense_macs, 1e-12),
-            "target_macs": target, "round_to": round_to, "budget_met": current <= budget + 1e-6,
+            "group_sizes": {g.root: g.size for g in plan.groups},
+            "macs_kept": plan.macs(counts) / max(plan.dense_macs, 1e-12),
+            "target_macs": target, "round_to": round_to, "budget_met": current <= budget * (1 + 1e-9) + 1e-6,
             "left_whole": plan.skipped}
+    if cost is not None:
+        del info["target_macs"]
+        info.update({"cost": cost.name, "target_cost": target, "cost_kept": current / max(cost.dense, 1e-12)})
+        if not info["budget_met"]:
+            info["notes"] = [f"channels: every prunable group is at its smallest count and the predicted {cost.name} "
+                             f"is still {info['cost_kept']:.3f} of dense, above the {target:.3f} the budget needs "
+                             f"(groups left whole: {len(plan.skipped)})"]
+        return keep, info
     if not info["budget_met"]:
         info["notes"] = [f"channels: kept {info['macs_kept']:.3f} of the dense MACs, above search.target_macs "
                          f"{target:g}: every prunable group is at its smallest count (groups left whole: "
                          f"{len(plan.skipped)})"]
     return keep, info
+
+
+def _give_back(plan, scores, order, counts, current, budget, round_to, measure):
+    """The last chunk dropped usually overshoots the budget by most of a chunk: put back, best score
+    per unit of cost first, every chunk that still fits."""
+    if current > budget:
+        return counts, current
+    while True:
+        best = None
+        for i, g in enumerate(plan.groups):
+            higher = [c for c in allowed_counts(g.size, round_to) if c > counts[i]]
+            if not higher:
+                continue
+            trial = list(counts)
+            trial[i] = higher[0]
+            value = measure(trial)
+            if value > budget:
+                continue
+            gained = float(scores[i].float().cpu()[order[i][counts[i]:higher[0]]].sum())
+            if gained <= 0:  # channels a tightened ticket already emptied stay out
+                continue
+            ratio = gained / max(value - current, 1e-12)
+            if best is None or ratio > best[0]:
+                best = (ratio, trial, value)
+        if best is None:
+            return counts, current
+        counts, current = best[1], best[2]
 
 
 def l1_scores(model: nn.Module, plan: ChannelPlan) -> list[torch.Tensor]:

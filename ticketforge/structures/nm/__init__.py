@@ -12,7 +12,8 @@ class NM(Structure):
     name = "2:4"
     summary = "2 of every 4 weights zero, for sparse tensor cores (TensorRT on Ampere or newer)"
     methods = ("magnitude-2to4", "cts-2to4")
-    budget_keys = ("sparsity",)  # fixed at 0.5; accepted so that recipes may say so
+    budget_keys = ("sparsity", "max_size_mb")
+    fixed_keys = ("sparsity",)  # fixed at 0.5; accepted so that recipes may say so
     convert_keys = ("nm_decay",)
 
     def check(self, recipe) -> None:
@@ -22,7 +23,10 @@ class NM(Structure):
                             f"layer, so it must be 0.5, got {recipe.search.sparsity:g}")
 
     def budget(self, recipe) -> str:
-        return "2 of every 4 weights in each eligible layer"
+        from ticketforge import budget
+
+        return "2 of every 4 weights in each eligible layer" + (f", {budget.describe(recipe)}"
+                                                                  if budget.key(recipe) else "")
 
     def target_sparsity(self, recipe):
         return 0.5

@@ -1,0 +1,77 @@
+"""The budget step: the exported model measured against the run's budget (speed-up, latency or
+size), and, where it misses, made cheaper and measured again, a bounded number of times.
+
+Timed budgets use the report's own method (ticketforge.latency: interleaved pairs with dense.onnx,
+median of the per-pair ratios, 95% interval) at the budget's batch; size budgets read the deployed
+file. Making it cheaper is the structure's `tighten` (channels: the next channels by least L1 per
+predicted ms; blocks: the next block by least gate score; unstructured: the smallest remaining
+weights), then BatchNorm statistics are re-estimated, the ticket converted and model.onnx written
+again. There is no further fine-tuning: what is removed here costs accuracy, which is why the
+search aims beyond the target (search.budget_margin) and this loop rarely has to act."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from ticketforge import budget, finetune, latency, size_model, validate
+from ticketforge.data import loader
+
+
+def time_model(dense: Path, model: Path, sample_shape: tuple[int, ...], batch: int, settings: latency.Settings) -> dict:
+    """One latency row of model.onnx against dense.onnx (the report's method). Tests replace this."""
+    return latency.compare(dense, model, [batch], settings, sample_shape=sample_shape)[0]
+
+
+def verify(run, write_model: Callable[[object], None]) -> dict:
+    """The report's budget section for `run` (a steps.Run after export); `write_model(run)` writes
+    model.onnx and ticket.pt again after a change."""
+    recipe = run.recipe
+    target = budget.Target.of(recipe)
+    b = budget.batch(recipe)
+    settings = validate.latency_settings(recipe.validate)
+
+    def measure() -> dict:
+        if target.unit == "MB":
+            return {"value": size_model.deployed_bytes(run.out, recipe, run.bundle) / 2 ** 20, "ci": None}
+        row = time_model(run.out / "dense.onnx", run.out / "model.onnx", tuple(run.bundle.input_shape), b, settings)
+        speed = target.unit == "x"
+        return {"value": row["speedup"] if speed else row["compressed_ms"],
+                "ci": row["speedup_ci"] if speed else row.get("compressed_ms_ci"),
+                "dense_ms": row["dense_ms"], "compressed_ms": row["compressed_ms"], "runs": row.get("runs")}
+
+    def tighten(keep: float) -> bool:
+        changed = run.structure.tighten(run.model, run.mask, recipe, run.example(), keep, run.found.info)
+        if changed is None:
+            return False
+        run.model, run.mask = changed
+        if recipe.finetune.bn_recalibrate:
+            finetune.recalibrate_bn(run.model, loader(run.bundle.train, recipe.finetune.batch_size, shuffle=True,
+                                                      seed=run.seed), run.device)
+        conv = run.structure.convert(run.model, run.mask, recipe, run.example())
+        conv.model.eval()
+        run.converted = conv
+        run.accuracy = finetune.evaluate(conv.model, run.val_loader(), run.device)
+        run.ui.log(f"budget: removed more ({_what(conv.info)}); accuracy without further fine-tuning "
+                   f"{run.accuracy:.4f}")
+        write_model(run)
+        return True
+
+    section = budget.close_loop(target, measure, tighten, recipe.validate.budget_rounds, log=run.ui.log)
+    if target.unit == "MB":
+        section["file"] = size_model.deployed_file(recipe)
+    else:
+        section.update(batch=b, backend="onnxruntime-cpu", threads=latency.resolve_threads(recipe.validate.threads))
+    if not section["met"]:
+        run.notes.append(f"budget {section['key']} {target.fmt(target.value)} {section['verdict']}: "
+                         + ("the structure has nothing left to remove at its smallest allowed sizes"
+                            if section["stopped"] == "nothing left"
+                            else f"validate.budget_rounds ({recipe.validate.budget_rounds}) adjustments were not enough"))
+    return section
+
+
+def _what(info: dict) -> str:
+    if "kept_channels" in info:
+        return "channels kept " + ", ".join(f"{k} {v}" for k, v in info["kept_channels"].items())
+    if "removed_blocks" in info:
+        return "blocks removed " + ", ".join(info["removed_blocks"])
+    return info.get("structure", "")
