@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ticketforge import validate
+from ticketforge import structures, validate
 from ticketforge.data import loader
 from ticketforge.errors import UserError
 from ticketforge.sparse_storage import load_dense
@@ -150,7 +150,7 @@ def build_and_validate(folder: Path, recipe, bundle, ui) -> tuple[dict, list]:
     cfg = recipe.export
     int8 = cfg.quantize == "int8"
     source = folder / ("model.int8.onnx" if int8 else "model.onnx")
-    sparse = recipe.convert.structure == "2:4"
+    sparse = structures.get(recipe.convert.structure).sparse_kernels
     info = build_engine(source, folder / "model.engine", bundle.input_shape, cfg.trt_batch, int8=int8, sparse=sparse)
     build_engine(folder / "dense.onnx", folder / "dense.engine", bundle.input_shape, cfg.trt_batch,
                  int8=False, sparse=False)

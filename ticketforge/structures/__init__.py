@@ -51,6 +51,7 @@ class Structure:
     fixed_keys: tuple[str, ...] = ()     # budget keys accepted but not free to choose (2:4's sparsity)
     sweep_key: str | None = None         # the `search` key a sweep varies; None: nothing to sweep
     convert_keys: tuple[str, ...] = ()   # `convert` keys it reads beyond `structure`
+    sparse_kernels: bool = False         # TensorRT builds the engine with its sparse (2:4) tactics
 
     # ------------------------------------------------------------ before any work
     def check(self, recipe: "Recipe") -> None:

@@ -15,6 +15,7 @@ class NM(Structure):
     budget_keys = ("sparsity", "max_size_mb")
     fixed_keys = ("sparsity",)  # fixed at 0.5; accepted so that recipes may say so
     convert_keys = ("nm_decay",)
+    sparse_kernels = True
 
     def check(self, recipe) -> None:
         super().check(recipe)
