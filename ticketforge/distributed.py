@@ -64,6 +64,14 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def wait_for_all() -> None:
+    """Every rank waits here for the others. The other ranks wait for rank 0 to finish exporting and
+    measuring before they leave: a rank that tears its process group down while rank 0 still holds
+    it aborts in gloo, and torchrun then kills rank 0 with it."""
+    if active():
+        dist.barrier()
+
+
 def per_rank_batch(global_batch: int) -> int:
     """The recipe's batch size is the global batch: each rank takes its share."""
     world = world_size()

@@ -162,11 +162,13 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
         for step in steps.STEPS:
             runner(step, run)
         if not main:
+            distributed.wait_for_all()
             return None  # rank 0 exports, measures and writes
         runner.timings["total"] = time.perf_counter() - t_start
         report = build_report(job, run, runner, classes, key)
         report_stage.write(report, tmp)
         state.finish()
+    distributed.wait_for_all()
     lat = report.latency
     ui.log(f"wrote {out}/: accuracy {run.dense_accuracy:.4f} -> {report.accuracy['onnx']:.4f} (ONNX), sparsity "
            f"{report.sparsity['achieved']:.4f}, "
