@@ -109,6 +109,8 @@ def recipe_for(method: str, sparsity: float, args) -> recipes.Recipe:
              if registry == "imp" else "search.sanity=false", *args.sets]
     if objective:
         items.append(f"search.objective={objective}")
+    if registry == "magnitude":
+        items.append("search.scope=global")  # the baseline these rows measured (LAMP: bench/magnitude_scope.py)
     return recipes.resolve(base, items)
 
 

@@ -47,6 +47,9 @@ class SearchConfig:
     temperature: float = opt(2 / 3, "CTS Binary Concrete temperature", lo=0.0, lo_open=True)
     balance: str = opt("gradbalance", "CTS sparsity control", choices=["gradbalance", "lagrange"])
     budget_slack: float = opt(1.1, "CTS: the balance aims at this multiple of the kept budget", lo=1.0)
+    scope: str = opt("lamp", "magnitude: how weights of different layers compare. lamp: each weight's share of "
+                     "its layer's remaining energy (Lee et al. 2021; spreads sparsity so that no layer starves); "
+                     "global: raw |w| across all layers", choices=["lamp", "global"])
     prune_fraction: float = opt(0.2, "IMP: fraction of the remaining weights removed per round",
                                 lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     synflow_rounds: int = opt(100, "SynFlow: pruning rounds (exponential schedule)", lo=1)

@@ -34,7 +34,7 @@ class Method:
 
 METHODS: Registry[Method] = Registry("search method")
 for _m in (
-    Method("magnitude", "magnitude:magnitude", summary="global magnitude"),
+    Method("magnitude", "magnitude:magnitude", ("scope",), summary="magnitude (LAMP or global)"),
     Method("random", "baselines:random_pruning", summary="uniformly random weights"),
     Method("snip", "baselines:snip", ("batch_size",), summary="SNIP connection sensitivity"),
     Method("grasp", "baselines:grasp", ("batch_size",), summary="GraSP gradient flow"),
