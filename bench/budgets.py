@@ -93,8 +93,9 @@ def dense_model(bundle, seed: int, epochs: int):
 def ticketforge_run(method: str, setting: float, work: Path, seed: int, args) -> Path:
     """One compress() through the library; returns its output folder."""
     name = "magnitude-channels" if method == "magnitude-macs" else "cts-channels"
+    # the budget on one thread, as this bench times every method
     sets = [f"finetune.epochs={args.finetune}", "validate.latency_batches=[64]", "validate.max_seconds=1",
-            "validate.repeats=20"]
+            "validate.repeats=20", "validate.budget_threads=1"]
     if name == "cts-channels":
         sets.append(f"search.epochs={args.search_epochs}")
     sets.append(f"search.target_speedup={setting}" if method == "cts-latency" else f"search.target_macs={setting}")

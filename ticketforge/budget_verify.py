@@ -10,6 +10,7 @@ again. There is no further fine-tuning: what is removed here costs accuracy, whi
 search aims beyond the target (search.budget_margin) and this loop rarely has to act."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +29,7 @@ def verify(run, write_model: Callable[[object], None]) -> dict:
     recipe = run.recipe
     target = budget.Target.of(recipe)
     b = budget.batch(recipe)
-    settings = validate.latency_settings(recipe.validate)
+    settings = dataclasses.replace(validate.latency_settings(recipe.validate), threads=budget.threads(recipe))
 
     def measure() -> dict:
         if target.unit == "MB":
@@ -60,7 +61,7 @@ def verify(run, write_model: Callable[[object], None]) -> dict:
     if target.unit == "MB":
         section["file"] = size_model.deployed_file(recipe)
     else:
-        section.update(batch=b, backend="onnxruntime-cpu", threads=latency.resolve_threads(recipe.validate.threads))
+        section.update(batch=b, backend="onnxruntime-cpu", threads=latency.resolve_threads(budget.threads(recipe)))
     if not section["met"]:
         run.notes.append(f"budget {section['key']} {target.fmt(target.value)} {section['verdict']}: "
                          + ("the structure has nothing left to remove at its smallest allowed sizes"

@@ -133,6 +133,9 @@ class ValidateConfig:
                        "machines; 0: every core of this one)", lo=0)
     budget_batch: Optional[int] = opt(None, "batch size a latency budget (search.target_speedup, target_latency_ms) "
                                       "is taken at, one of latency_batches; unset: the largest", lo=1)
+    budget_threads: int = opt(0, "ONNX Runtime intra-op threads a latency budget is measured with (its latency table "
+                              "too); 0: every core, ONNX Runtime's own default and what a plain InferenceSession "
+                              "gets, so the budget holds where the model is deployed", lo=0)
     budget_rounds: int = opt(3, "budgets: at most this many times the verify step removes more and re-measures "
                              "when the exported model misses its budget", lo=0)
     parity_tol: float = opt(1e-3, "max abs logit difference allowed between torch and ONNX", lo=0.0, lo_open=True)

@@ -140,7 +140,7 @@ def for_recipe(model, plan: ChannelPlan, recipe, example, log=lambda s: None) ->
             return cost, target, {"cost": "parameter bytes of model.onnx", "dense_bytes": int(cost.dense)}
         b = budget.batch(recipe)
         table = latency_table.build(layers, grids(plan, layers, recipe.convert.round_to), dense,
-                                    tuple(example.shape[1:]), b, recipe.validate.threads, log=log)
+                                    tuple(example.shape[1:]), b, budget.threads(recipe), log=log)
     cost = LatencyCost(plan, layers, table)
     aim = 1 + recipe.search.budget_margin
     if k == "target_speedup":
