@@ -223,6 +223,22 @@ def test_verify_removes_more_until_the_timer_agrees(monkeypatch):
     assert "budget" in report["timings"]
 
 
+@pytest.mark.parametrize("threads", [0, 1])
+def test_a_timed_budget_is_measured_with_its_own_threads(monkeypatch, threads):
+    """Not the report's one thread: the budget holds where the model is deployed (0: every core)."""
+    from ticketforge import budget_verify, latency
+
+    fake, _ = _mac_timer()
+    used = []
+    monkeypatch.setattr(budget_verify, "time_model",
+                        lambda *a: used.append(a[-1].threads) or fake(*a))
+    report = _run("magnitude-channels", "search.target_speedup=1.2", f"validate.budget_threads={threads}")
+    assert used and set(used) == {threads}
+    assert report["budget"]["threads"] == latency.resolve_threads(threads)
+    assert report["search"]["latency_table"]["context"]["threads"] == latency.resolve_threads(threads)
+    assert report["latency_env"]["threads"] == 1  # the report's rows stay on one thread
+
+
 def test_a_budget_that_cannot_be_met_is_a_note_and_a_failed_gate(monkeypatch):
     from ticketforge import budget_verify
 
