@@ -4,9 +4,10 @@ file meets `search.max_size_mb`, and the size of the file a run deploys.
 The file's bytes are what it stores: every initializer that is not a prunable weight as it is, and
 each prunable weight either dense (item size per value) or, where that is smaller, as a sparse
 initializer (item size + 8 bytes of int64 position per non-zero: ticketforge.sparse_storage). Which
-weights a search keeps is not known before it runs; global magnitude on the trained weights stands
-in for it (most methods keep a similar number per layer), and the verify step measures the real file
-and removes more if it is over."""
+weights a search keeps is not known before it runs; magnitude on the trained weights stands in for
+it (LAMP scores when the run is `magnitude` with its default scope, global |w| otherwise; most
+methods keep a similar number per layer), and the verify step measures the real file and removes
+more if it is over."""
 from __future__ import annotations
 
 import copy
@@ -44,10 +45,13 @@ def _exported_bytes(model, example, quantize: str) -> int:
         return path.stat().st_size
 
 
-def predictor(model, example, quantize: str = "none", storage: str = "auto"):
+def predictor(model, example, quantize: str = "none", storage: str = "auto", lamp: bool = False):
     """A function sparsity -> predicted bytes of the deployed file, for this trained model, with its
-    weights stored as export.sparse_storage says (`storage`)."""
-    weights = {k: w.detach().abs().flatten().float().cpu() for k, w in prunable(model).items()}
+    weights stored as export.sparse_storage says (`storage`), kept by |w| or by LAMP score."""
+    from ticketforge.search.magnitude import lamp_scores
+
+    weights = {k: w.detach().abs().float().cpu() for k, w in prunable(model).items()}
+    weights = {k: w.flatten() for k, w in (lamp_scores(weights) if lamp else weights).items()}
     item = ITEM_BYTES[quantize]
     numel = {k: w.numel() for k, w in weights.items()}
     total = sum(numel.values())
@@ -71,9 +75,10 @@ def predictor(model, example, quantize: str = "none", storage: str = "auto"):
     return size
 
 
-def sparsity_for(model, example, max_bytes: float, quantize: str = "none", storage: str = "auto") -> tuple[float, dict]:
+def sparsity_for(model, example, max_bytes: float, quantize: str = "none", storage: str = "auto",
+                 lamp: bool = False) -> tuple[float, dict]:
     """The lowest sparsity (to 1e-4) whose predicted file meets max_bytes, and what was predicted."""
-    size = predictor(model, example, quantize, storage)
+    size = predictor(model, example, quantize, storage, lamp)
     lo, hi = 0.0, 0.9999
     if size(hi) > max_bytes:
         return hi, {"predicted_mb": size(hi) / 2 ** 20, "reachable": False}
