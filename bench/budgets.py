@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cts_vs_ltr import mnist1d_bundle  # noqa: E402  (also registers the mnist1d-cnn architecture)
+from tables import mean_sd  # noqa: E402
 
 from ticketforge import finetune, latency_table, models, recipe as recipes, validate  # noqa: E402
 from ticketforge.data import loader  # noqa: E402
@@ -182,13 +183,6 @@ def at_speedups(rows: list[dict], by_seed: bool = False) -> dict:
     return {m: {s: list(v.values()) for s, v in per.items()} for m, per in out.items()}
 
 
-def _cell(values: list[float]) -> str:
-    if not values:
-        return "-"
-    sd = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.1f}{sd} ({len(values)})"
-
-
 def table(rows: list[dict]) -> str:
     acc = at_speedups(rows)
     dense = statistics.mean(float(r["dense_accuracy"]) for r in rows)
@@ -197,14 +191,14 @@ def table(rows: list[dict]) -> str:
              "accuracy % at equal measured speed-up (ONNX Runtime CPU, 1 thread, batch 64), mean ± std (seeds):", "",
              "| method | " + " | ".join(f"{s:g}x" for s in SPEEDUPS) + " |", "|---|" + "---:|" * len(SPEEDUPS)]
     for m in [m for m in METHODS if m in acc]:
-        lines.append(f"| {m} | " + " | ".join(_cell([100 * v for v in acc[m].get(s, [])]) for s in SPEEDUPS) + " |")
+        lines.append(f"| {m} | " + " | ".join(mean_sd([100 * v for v in acc[m].get(s, [])]) for s in SPEEDUPS) + " |")
     # the same seed's dense model under both methods: the paired difference is what separates them
     paired = at_speedups(rows, by_seed=True)
     for m in ("cts-latency", "cts-macs"):
         cells = []
         for s in SPEEDUPS:
             ours, theirs = paired.get(m, {}).get(s, {}), paired.get("tp-metapruner", {}).get(s, {})
-            cells.append(_cell([100 * (ours[k] - theirs[k]) for k in ours if k in theirs]))
+            cells.append(mean_sd([100 * (ours[k] - theirs[k]) for k in ours if k in theirs]))
         lines.append(f"| {m} minus tp-metapruner, same seed (points) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -45,6 +45,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from tables import mean_sd
+
 from ticketforge import finetune, models, recipe as recipes, search
 from ticketforge.finetune import Schedule
 from ticketforge.search.base import SearchContext
@@ -232,8 +234,7 @@ def table(rows: list[dict]) -> str:
                        and float(r["sparsity"]) == s]
                 times += [float(r["time_s"]) for r in rows if r["data"] == name and r["method"] == method
                           and float(r["sparsity"]) == s]
-                sd = f" ± {statistics.stdev(acc):.1f}" if len(acc) > 1 else ""
-                cells.append(f"{statistics.mean(acc):.1f}{sd} ({len(acc)})" if acc else "-")
+                cells.append(mean_sd(acc))
             out.append(f"| {method} | " + " | ".join(cells) + f" | {statistics.median(times):.1f} s |")
         out.append("")
     return "\n".join(out)

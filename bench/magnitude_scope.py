@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from cts_vs_ltr import DATA, DEVICE, context, dense_model
+from tables import mean_sd
 from ticketforge import finetune, recipe as recipes, search
 from ticketforge.data import loader
 from ticketforge.finetune import Schedule
@@ -96,8 +97,7 @@ def table(rows: list[dict]) -> str:
                 cells = []
                 for s in sps:
                     acc = [100 * float(r["accuracy"]) for r in pick if float(r["sparsity"]) == s]
-                    sd = f" ± {statistics.stdev(acc):.1f}" if len(acc) > 1 else ""
-                    cells.append(f"{statistics.mean(acc):.1f}{sd}" if acc else "-")
+                    cells.append(mean_sd(acc, count=False))
                 low = [float(r["min_layer_density"]) for r in pick if float(r["sparsity"]) == sps[-1]]
                 out.append(f"| {scope} | {e} | " + " | ".join(cells) + f" | {100 * statistics.mean(low):.2f}% |")
         out.append("")
