@@ -74,7 +74,7 @@ def test_resnet20_tlab_is_the_authors_resnet20():
     assert gammas.min() >= 0 and gammas.max() <= 1 and gammas.std() > 0.2
     assert all(float(b.bias.detach().abs().max()) == 0 for b in bns)
     conv = model[7].body[3]  # 64 x 64 x 3 x 3
-    assert float(conv.weight.std()) == pytest.approx((2 / (64 * 9)) ** 0.5, rel=0.05)
+    assert float(conv.weight.detach().std()) == pytest.approx((2 / (64 * 9)) ** 0.5, rel=0.05)
     assert all(b.track_running_stats for b in build("resnet20-tlab", {"running_stats": True}).modules()
                if isinstance(b, nn.BatchNorm2d))
 
