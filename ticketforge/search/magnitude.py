@@ -7,7 +7,9 @@
 - `lamp` (Layer-Adaptive Magnitude-based Pruning, Lee et al., ICLR 2021): a weight's score is its
   squared magnitude over the sum of the squares of the weights of its layer that are at least as
   large. Within a layer the order is that of |w|; across layers the scores are comparable, and
-  each layer's largest weight scores 1, so no layer is emptied."""
+  each layer's largest weight scores 1, so no layer is emptied. (Torch-Pruning's LAMPImportance
+  scores channel groups, not single weights, so the per-weight score is computed here: a sort and
+  a cumulative sum per layer.)"""
 from __future__ import annotations
 
 import torch
