@@ -92,3 +92,40 @@ def test_sigterm_exits_cleanly_with_a_message(tmp_path):
     assert proc.returncode == 143, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err
     assert not Path("term").exists() and not Path(".term.tmp").exists()
+
+
+def test_a_stop_request_whose_exception_was_lost_still_stops_before_the_output(tmp_path, monkeypatch):
+    """A SIGTERM's exception can be dropped (raised inside a finalizer or a library callback).
+    The flag the handler sets stops the run at the next step, and nothing is committed."""
+    import dataclasses
+
+    import pytest
+
+    from ticketforge import errors, recipe as recipes, steps
+    from ticketforge.pipeline import Job, compress
+    from ticketforge.ui import SILENT
+
+    make_tiny(tmp_path)
+    monkeypatch.setattr(errors, "_terminated", False)
+    ran = []
+
+    def swallowed(run):  # the handler ran, its exception did not get out
+        ran.append(run)
+        try:
+            errors.terminate()
+        except errors.Terminated:
+            pass
+        return original(run)
+
+    i = next(k for k, s in enumerate(steps.STEPS) if s.name == "finetune")
+    original = steps.STEPS[i].run
+    patched = list(steps.STEPS)
+    patched[i] = dataclasses.replace(steps.STEPS[i], run=swallowed)
+    monkeypatch.setattr(steps, "STEPS", tuple(patched))
+    job = Job(model_path="mlp.pt", arch="tinynet:Net", data="digits", out="stopped", ui=SILENT,
+              recipe=recipes.resolve("magnitude", ["finetune.epochs=1", "validate.repeats=3", "validate.warmup=0",
+                                                   "validate.latency_batches=[1]"]))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(errors.Terminated):
+        compress(job)
+    assert ran and not Path("stopped").exists() and not Path(".stopped.tmp").exists()

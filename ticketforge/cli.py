@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from ticketforge import __version__, gate, recipe as recipes
+from ticketforge import errors
 from ticketforge.errors import UserError, VerificationError
 from ticketforge.ui import UI
 
@@ -31,14 +32,6 @@ def explain(exc: Exception) -> str | None:
     return None
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler or torchrun stopping us), handled like Ctrl-C: clean up and exit."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated()
-
-
 def guarded(fn):
     """Turn our errors into one line and an exit code; tracebacks only with --debug."""
     @functools.wraps(fn)
@@ -46,7 +39,7 @@ def guarded(fn):
         debug = kwargs.get("debug", False)
         ui = UI()
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _on_sigterm)
+            signal.signal(signal.SIGTERM, errors.terminate)
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
@@ -57,7 +50,7 @@ def guarded(fn):
         except KeyboardInterrupt as exc:
             ui.error("interrupted; nothing was written to the output folder (finished stages are kept: "
                      "the same command resumes)")
-            sys.exit(143 if isinstance(exc, Terminated) else 130)
+            sys.exit(143 if isinstance(exc, errors.Terminated) else 130)
         except Exception as exc:  # a bug of ours: still one line unless --debug
             if debug:
                 raise

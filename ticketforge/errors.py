@@ -11,3 +11,24 @@ class VerificationError(UserError):
     """The exported model failed a check (parity, checker, gate): exit code 1."""
 
     exit_code = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler or torchrun stopping us), handled like Ctrl-C: clean up and exit 143."""
+
+
+_terminated = False
+
+
+def terminate(signum=None, frame=None):
+    """The SIGTERM handler: remember the request, then raise. The raise can be lost (an exception
+    raised while Python runs a finalizer or a library's callback is printed and dropped), so the
+    runner also checks the flag between steps and before the output is committed."""
+    global _terminated
+    _terminated = True
+    raise Terminated()
+
+
+def raise_if_terminated() -> None:
+    if _terminated:
+        raise Terminated()

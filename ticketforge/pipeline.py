@@ -16,7 +16,7 @@ import torch
 
 import ticketforge
 from ticketforge import adapt, data as data_stage, device as device_mod, distributed, gate as gate_stage, latency, steps
-from ticketforge import structures
+from ticketforge import errors, structures
 from ticketforge import report as report_stage
 from ticketforge.data import DataBundle, check_against_model, load_data
 from ticketforge.errors import UserError
@@ -161,6 +161,7 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
         runner = Runner(state, shared, job.seed, ui)
         for step in steps.STEPS:
             runner(step, run)
+        errors.raise_if_terminated()  # a stop request a library swallowed: never commit the output
         if not main:
             distributed.wait_for_all()
             return None  # rank 0 exports, measures and writes

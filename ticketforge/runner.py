@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ticketforge import distributed
+from ticketforge import distributed, errors
 from ticketforge.runstate import Store
 from ticketforge.ui import UI
 
@@ -61,6 +61,7 @@ class Runner:
         return share(store.load(step.name) if distributed.is_main() else None)
 
     def __call__(self, step: Step, run) -> None:
+        errors.raise_if_terminated()
         if (step.main_only and not distributed.is_main()) or (step.when is not None and not step.when(run)):
             return
         store = self.shared if step.shared else self.state
