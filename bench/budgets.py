@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cts_vs_ltr import mnist1d_bundle  # noqa: E402  (also registers the mnist1d-cnn architecture)
 from tables import mean_sd  # noqa: E402
 
-from ticketforge import finetune, latency_table, models, recipe as recipes, validate  # noqa: E402
+from ticketforge import finetune, latency, models, recipe as recipes, validate  # noqa: E402
 from ticketforge.data import loader  # noqa: E402
 from ticketforge.export import export_onnx  # noqa: E402
 from ticketforge.finetune import Schedule  # noqa: E402
@@ -64,7 +64,7 @@ def timed_speedup(dense: Path, model: Path, batch: int, pairs: int, blocks: int 
     """Interleaved dense/compressed runs at `batch`, one thread, in `blocks` blocks of `pairs` pairs:
     the median over blocks of the ratio of minima (one block whose compressed runs never met a quiet
     moment measured a 1.35x model at 0.97x), and the ratio of medians for comparison."""
-    sd, sm = (latency_table._session(p, 1, "CPUExecutionProvider") for p in (dense, model))
+    sd, sm = (latency.session(p, "CPUExecutionProvider", 1) for p in (dense, model))
     x = {sd.get_inputs()[0].name: np.random.default_rng(0).random((batch, 1, 40), dtype=np.float32)}
     xm = {sm.get_inputs()[0].name: x[sd.get_inputs()[0].name]}
     for _ in range(3):

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from tables import mean_sd
+from tables import density_axis, mean_sd
 
 from ticketforge import finetune, models, recipe as recipes, search
 from ticketforge.finetune import Schedule
@@ -205,12 +205,7 @@ def plot(rows: list[dict], path: Path) -> None:
             axes[0][col].axhline(100 * sum(dense) / len(dense), color="gray", ls="--", lw=1, label="dense")
         for ax, ylabel in ((axes[0][col], "validation accuracy % (mean of seeds)"),
                            (axes[1][col], "time to ticket, s (mean of seeds)")):
-            ax.set_xscale("log")
-            ax.invert_xaxis()
-            ax.set_xlabel("density % (log; sparser to the right)")
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            density_axis(ax, ylabel)
         axes[1][col].set_yscale("log")
         axes[0][col].set_title(name)
     fig.tight_layout()

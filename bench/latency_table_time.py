@@ -26,7 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ticketforge import latency_table, models, recipe as recipes  # noqa: E402
+from ticketforge import latency, latency_table, models, recipe as recipes  # noqa: E402
 from ticketforge.export import export_onnx  # noqa: E402
 from ticketforge.structures.channels import cost, graph, select, surgery  # noqa: E402
 
@@ -59,7 +59,7 @@ MODELS = {"resnet20": (lambda: models.build("resnet20"), (3, 32, 32)), "resnet50
 
 
 def whole_speedup(dense_path, model_path, batch, sample, pairs=10):
-    sd, sm = (latency_table._session(p, 1, "CPUExecutionProvider") for p in (dense_path, model_path))
+    sd, sm = (latency.session(p, "CPUExecutionProvider", 1) for p in (dense_path, model_path))
     x = np.random.default_rng(0).random((batch, *sample), dtype=np.float32)
     td, tm = [], []
     sd.run(None, {sd.get_inputs()[0].name: x}), sm.run(None, {sm.get_inputs()[0].name: x})

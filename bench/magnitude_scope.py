@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from cts_vs_ltr import DATA, DEVICE, context, dense_model
-from tables import mean_sd
+from tables import density_axis, mean_sd
 from ticketforge import finetune, recipe as recipes, search
 from ticketforge.data import loader
 from ticketforge.finetune import Schedule
@@ -70,13 +70,8 @@ def plot(rows: list[dict], path: Path) -> None:
                         label=f"{scope}, {e} fine-tune epoch(s)")
         dense = [100 * float(r["dense_accuracy"]) for r in rows if r["data"] == name]
         ax.axhline(statistics.mean(dense), color="gray", ls=":", lw=1, label="dense")
-        ax.set_xscale("log")
-        ax.invert_xaxis()
-        ax.set_xlabel("density % (log; sparser to the right)")
-        ax.set_ylabel("validation accuracy % (mean of seeds)")
+        density_axis(ax, "validation accuracy % (mean of seeds)")
         ax.set_title(name)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

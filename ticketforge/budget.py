@@ -72,6 +72,15 @@ def threads(recipe) -> int:
     return recipe.validate.budget_threads
 
 
+def latency_fraction(recipe, dense_ms: float) -> tuple[float, float]:
+    """A timed budget as the fraction of the dense model's time to keep, aimed `budget_margin`
+    beyond the target (what the latency table does not predict); returns (fraction, aim)."""
+    aim = 1 + recipe.search.budget_margin
+    if key(recipe) == "target_speedup":
+        return 1 / (recipe.search.target_speedup * aim), aim
+    return recipe.search.target_latency_ms / aim / dense_ms, aim
+
+
 def describe(recipe) -> str | None:
     """The user budget in words, or None."""
     k = key(recipe)

@@ -90,6 +90,13 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
     return path
 
 
+def export_dense_copy(model: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
+    """A copy of `model` exported on the CPU with every weight stored dense: what the budgets'
+    cost models measure and size (the model itself is left as it was)."""
+    export_onnx(copy.deepcopy(model).cpu().eval(), example[:2].cpu(), path, ExportConfig(sparse_storage="never"))
+    return Path(path)
+
+
 def undo_weight_sharing(m: onnx.ModelProto) -> None:
     """The exporter merges identical initializers (e.g. two fully pruned convs, all zeros) behind
     Identity nodes. Give every layer its own weight again, so the file says what each layer holds

@@ -95,7 +95,8 @@ def environment(provider: str, threads: int) -> dict:
                       "moving-block bootstrap interval plus a systematic term"}
 
 
-def session(path: str | Path, provider: str = "CPUExecutionProvider", threads: int = 1) -> ort.InferenceSession:
+def session(path, provider: str = "CPUExecutionProvider", threads: int = 1) -> ort.InferenceSession:
+    """A timing session of a file (or an in-memory onnx.ModelProto: the latency table's one-layer models)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
@@ -103,7 +104,8 @@ def session(path: str | Path, provider: str = "CPUExecutionProvider", threads: i
     opts.inter_op_num_threads = 1
     if opts.intra_op_num_threads > 1:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=[provider])
+    src = path.SerializeToString() if hasattr(path, "SerializeToString") else str(path)
+    return ort.InferenceSession(src, opts, providers=[provider])
 
 
 # ---------------------------------------------------------------- inputs

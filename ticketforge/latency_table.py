@@ -155,20 +155,6 @@ def time_ms(sess, feed: dict, runs: int = RUNS, seconds: float = ENTRY_SECONDS, 
     return best * 1e3
 
 
-def _session(model_or_path, threads: int, provider: str):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = latency.resolve_threads(threads)
-    opts.inter_op_num_threads = 1
-    if opts.intra_op_num_threads > 1:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    src = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
-    return ort.InferenceSession(src, opts, providers=[provider])
-
-
 # ---------------------------------------------------------------- the table
 
 @dataclass
@@ -270,10 +256,10 @@ def build(layers: dict[str, Layer], grids: dict[str, tuple[list[int], list[int]]
             row = []
             for cout in outs:
                 model, x = layer_model(layer, cin, cout, batch)
-                row.append(time_ms(_session(model, threads, provider), {"x": x}))
+                row.append(time_ms(latency.session(model, provider, threads), {"x": x}))
             ms.append(row)
         table[name] = {"in": list(ins), "out": list(outs), "ms": ms}
-    dense_sess = _session(dense_onnx, threads, provider)
+    dense_sess = latency.session(dense_onnx, provider, threads)
     feed = latency.feeds(dense_sess, batch, sample_shape)
     dense_ms = time_ms(dense_sess, feed, runs=2 * RUNS, seconds=5 * ENTRY_SECONDS)
     seconds = time.perf_counter() - t0

@@ -10,7 +10,6 @@ methods keep a similar number per layer), and the verify step measures the real 
 more if it is over."""
 from __future__ import annotations
 
-import copy
 import tempfile
 from pathlib import Path
 
@@ -29,12 +28,10 @@ def _exported_bytes(model, example, quantize: str) -> int:
     from torch.utils.data import TensorDataset
 
     from ticketforge import quantize as quant
-    from ticketforge.export import export_onnx
-    from ticketforge.recipe import ExportConfig
+    from ticketforge.export import export_dense_copy
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "dense.onnx"
-        export_onnx(copy.deepcopy(model).cpu().eval(), example[:2].cpu(), path, ExportConfig(sparse_storage="never"))
+        path = export_dense_copy(model, example, Path(tmp) / "dense.onnx")
         if quantize == "int8":
             x = example.cpu()
             quant.quantize_int8(path, Path(tmp) / "q.onnx", TensorDataset(x, torch.zeros(len(x), dtype=torch.long)))

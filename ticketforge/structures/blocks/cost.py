@@ -14,7 +14,7 @@ def block_costs(model, names: list[str], recipe, example, log=lambda s: None) ->
     """(cost per block, the dense model's cost, the fraction of it to keep, report info)."""
     from ticketforge import latency_table
     from ticketforge.macs import layer_macs
-    from ticketforge.structures.channels.cost import _dense_onnx
+    from ticketforge.export import export_dense_copy
 
     k = budget.key(recipe)
     if k is None:
@@ -22,7 +22,7 @@ def block_costs(model, names: list[str], recipe, example, log=lambda s: None) ->
         return ({n: counted.within(n) for n in names}, counted.total, recipe.search.target_macs,
                 {"cost": "macs"})
     with tempfile.TemporaryDirectory() as tmp:
-        dense = _dense_onnx(model, example, Path(tmp))
+        dense = export_dense_copy(model, example, Path(tmp) / "dense.onnx")
         if k == budget.SIZE_KEY:
             costs = {n: 4.0 * sum(p.numel() for p in model.get_submodule(n).parameters()) for n in names}
             total = float(dense.stat().st_size)
@@ -34,8 +34,6 @@ def block_costs(model, names: list[str], recipe, example, log=lambda s: None) ->
     scale = min(1.0, table.dense_ms / full) if full > 0 else 1.0
     costs = {n: scale * sum(table.ms(l, layers[l].cin, layers[l].cout) for l in layers if l.startswith(n + "."))
              for n in names}
-    aim = 1 + recipe.search.budget_margin
-    target = (1 / (recipe.search.target_speedup * aim) if k == "target_speedup"
-              else recipe.search.target_latency_ms / aim / table.dense_ms)
+    target, aim = budget.latency_fraction(recipe, table.dense_ms)
     return costs, table.dense_ms, target, {"cost": "measured latency table", "latency_table": table.summary(),
                                            "aim": aim}

@@ -112,28 +112,18 @@ def grids(plan: ChannelPlan, layers: dict, round_to: int) -> dict[str, tuple[lis
     return out
 
 
-def _dense_onnx(model, example, folder: Path) -> Path:
-    import copy
-
-    from ticketforge.export import export_onnx
-    from ticketforge.recipe import ExportConfig
-
-    path = folder / "dense.onnx"
-    export_onnx(copy.deepcopy(model).cpu().eval(), example[:2].cpu(), path, ExportConfig(sparse_storage="never"))
-    return path
-
-
 def for_recipe(model, plan: ChannelPlan, recipe, example, log=lambda s: None) -> tuple[object, float, dict]:
     """The run's cost model, the fraction of its dense value the selection must keep, and what to
     report about it. Without a user budget: MACs and search.target_macs."""
     from ticketforge import latency_table
+    from ticketforge.export import export_dense_copy
 
     k = budget.key(recipe)
     if k is None:
         return MacCost(plan), recipe.search.target_macs, {}
     layers = latency_table.layers_of(model, example)
     with tempfile.TemporaryDirectory() as tmp:
-        dense = _dense_onnx(model, example, Path(tmp))
+        dense = export_dense_copy(model, example, Path(tmp) / "dense.onnx")
         if k == budget.SIZE_KEY:
             cost = SizeCost(plan, layers, dense.stat().st_size)
             target = recipe.search.max_size_mb * 2 ** 20 / cost.dense
@@ -142,11 +132,7 @@ def for_recipe(model, plan: ChannelPlan, recipe, example, log=lambda s: None) ->
         table = latency_table.build(layers, grids(plan, layers, recipe.convert.round_to), dense,
                                     tuple(example.shape[1:]), b, budget.threads(recipe), log=log)
     cost = LatencyCost(plan, layers, table)
-    aim = 1 + recipe.search.budget_margin
-    if k == "target_speedup":
-        target = 1 / (recipe.search.target_speedup * aim)
-    else:
-        target = recipe.search.target_latency_ms / aim / cost.dense
+    target, aim = budget.latency_fraction(recipe, cost.dense)
     return cost, target, {"cost": "measured latency table", "latency_table": table.summary(), "aim": aim}
 
 
