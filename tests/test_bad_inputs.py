@@ -332,7 +332,7 @@ def _as_set_text(value) -> str:
 
 # A recipe whose search method and structure read the key (any other key is refused by name).
 _CTS = ("cts", [])
-BASE = {**{f"search.{k}": _CTS for k in ("epochs", "steps", "lr", "batch_size", "objective", "temperature",
+BASE = {**{f"search.{k}": _CTS for k in ("epochs", "steps", "min_steps", "lr", "batch_size", "objective", "temperature",
                                          "balance", "budget_slack")},
         "search.prune_fraction": ("imp", []), "search.synflow_rounds": ("magnitude", ["search.method=synflow"]),
         "search.target_macs": ("cts-blocks", []), "search.blocks": ("cts-blocks", []),

@@ -226,10 +226,11 @@ def _run(name, *sets, model_kwargs=None):
 def test_verify_removes_more_until_the_timer_agrees(monkeypatch, work_clock):
     from ticketforge import budget_verify
 
-    # the first export measures 0.8x the target; each MAC less is time saved
+    # the first export measures 0.8x the target; each MAC less is time saved. Without measured
+    # selections (search.measure_rounds=0) the verify step is the first to time the file.
     fake, seen = _mac_timer(first=0.8 * 1.2)
     monkeypatch.setattr(budget_verify, "time_model", fake)
-    report = _run("magnitude-channels", "search.target_speedup=1.2", "convert.round_to=8")
+    report = _run("magnitude-channels", "search.target_speedup=1.2", "convert.round_to=8", "search.measure_rounds=0")
     b = report["budget"]
     assert b["adjustments"] >= 1 and b["met"] and b["verdict"] == "met" and b["batch"] == 16
     assert [a["value"] for a in b["attempts"]] == pytest.approx(seen)
@@ -241,6 +242,37 @@ def test_verify_removes_more_until_the_timer_agrees(monkeypatch, work_clock):
     assert sum(p.numel() for p in shrunk.parameters()) * 1.0 < sum(
         p.numel() for p in models.build("digits-resnet", {"width": 16}).parameters())
     assert "budget" in report["timings"]
+
+
+@pytest.mark.parametrize("first,name", [(2.0, "magnitude-channels"), (1.1, "magnitude-channels"),
+                                        (2.0, "cts-channels")])
+def test_measured_selections_correct_the_table_before_the_fine_tune(monkeypatch, work_clock, first, name):
+    """The table predicts the target; the selection's file measures `first`. Faster than predicted:
+    channels come back (less accuracy lost); slower: more go before the fine-tune, not after it."""
+    from ticketforge import budget_verify
+
+    fake, seen = _mac_timer(first=first)
+    monkeypatch.setattr(budget_verify, "time_model", fake)
+    steps = ["search.steps=3"] if name == "cts-channels" else []
+    report = _run(name, "search.target_speedup=1.5", "convert.round_to=4", *steps, model_kwargs={"width": 32})
+    rounds = report["search"]["measured_rounds"]
+    assert len(rounds) >= 2 and rounds[0]["measured_speedup"] == pytest.approx(first)
+    assert [r["measured_speedup"] for r in rounds] == pytest.approx(seen[:len(rounds)], rel=1e-3)
+    final = rounds[-1]["measured_speedup"]
+    assert abs(final / 1.5 - 1) < abs(first / 1.5 - 1)  # closer to the target than the table's pick
+    b = report["budget"]
+    assert b["met"] and b["adjustments"] == 0  # nothing left for the verify step to remove
+    assert b["attempts"][0]["value"] == pytest.approx(final, rel=1e-3)  # the file written is the selection measured
+    if first > 1.5:
+        assert 1.5 <= final < first
+        assert fake.macs[-1] > fake.macs[0]   # more kept than the table's selection
+    else:
+        assert fake.macs[-1] < fake.macs[0]
+
+
+def test_measure_rounds_needs_a_latency_budget():
+    with pytest.raises(UserError, match="measure_rounds.*latency budget"):
+        resolve("cts-channels", ["search.measure_rounds=1"])
 
 
 @pytest.mark.parametrize("threads", [0, 1])

@@ -278,12 +278,15 @@ def test_search_without_convergence_runs_to_the_cap():
 
 
 def test_cts_reports_where_and_why_it_stopped(make_ctx):
-    res = search.run(make_ctx(["search.epochs=3", "search.check_every=1", "search.stop_window=2"]))
+    res = search.run(make_ctx(["search.epochs=3", "search.min_steps=0", "search.check_every=1", "search.stop_window=2"]))
     stop = res.info["stop"]
     assert stop["reason"] in ("converged", "cap") and stop["step"] == res.info["steps"] <= res.info["max_steps"]
     assert res.info["max_steps"] == 3 * 4  # 64 samples, batch 16: the cap is search.epochs
-    off = search.run(make_ctx(["search.epochs=3", "search.stop_overlap=1"]))
+    off = search.run(make_ctx(["search.epochs=3", "search.min_steps=0", "search.stop_overlap=1"]))
     assert "stop" not in off.info and off.info["steps"] == 12
+    # a small data set's few epochs are lengthened to search.min_steps (the recipe's 200)
+    floor = search.run(make_ctx(["search.epochs=3", "search.stop_overlap=1", "search.min_steps=20"]))
+    assert floor.info["steps"] == floor.info["max_steps"] == 20
 
 
 def test_report_says_where_the_search_stopped():

@@ -49,10 +49,11 @@ def check(recipe, choosable: tuple[str, ...]) -> None:
     if len(keys) > 1:
         raise UserError(f"recipe keys 'search.{keys[0]}' and 'search.{keys[1]}' both set a budget; a run has "
                         f"exactly one: keep one of them")
-    margin_given = "budget_margin" in ((getattr(recipe, "source", None) or {}).get("search") or {})
-    if margin_given and key(recipe) not in LATENCY_KEYS:
-        raise UserError("recipe key 'search.budget_margin' is read only with a latency budget "
-                        "(search.target_speedup or search.target_latency_ms); remove it")
+    search = (getattr(recipe, "source", None) or {}).get("search") or {}
+    for tuning in ("budget_margin", "measure_rounds"):
+        if tuning in search and key(recipe) not in LATENCY_KEYS:
+            raise UserError(f"recipe key 'search.{tuning}' is read only with a latency budget "
+                            f"(search.target_speedup or search.target_latency_ms); remove it")
     b = recipe.validate.budget_batch
     if b is not None and b not in recipe.validate.latency_batches:
         raise UserError(f"recipe key 'validate.budget_batch': {b} is not timed; validate.latency_batches is "

@@ -41,6 +41,8 @@ class SearchConfig:
                      choices=["trained", "rewind", "init"])
     epochs: float = opt(4.0, "search length in epochs (CTS, IMP rounds: per round)", lo=0.0)
     steps: int = opt(0, "search length in optimizer steps; overrides epochs when > 0", lo=0)
+    min_steps: int = opt(0, "CTS: search at least this many steps whatever the data set's size (each step draws "
+                         "one mask sample; the logits need a number of them, not of epochs)", lo=0)
     lr: float = opt(0.1, "learning rate of the mask logits (CTS: Adam)", lo=0.0, lo_open=True)
     batch_size: int = opt(128, "batch size of the search", lo=1)
     objective: str = opt("reverse_kl", "CTS objective", choices=["reverse_kl", "forward_kl", "ce"])
@@ -68,6 +70,9 @@ class SearchConfig:
                                        "model.int8.onnx with export.quantize int8)", lo=0.0, lo_open=True)
     budget_margin: float = opt(0.1, "latency budgets: the search aims this fraction beyond the target, for what its "
                                "latency table does not predict; the verify step then times the export", lo=0.0)
+    measure_rounds: int = opt(2, "latency budgets, channels: times the selection is exported, timed against dense and "
+                              "re-selected for the measured error of the latency table, before the fine-tune "
+                              "(0: trust the table)", lo=0)
 
 
 @dataclass

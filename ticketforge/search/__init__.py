@@ -14,7 +14,7 @@ from ticketforge.registry import Registry
 # Keys of the `search` section every method reads; the structure's budget keys come on top
 # (ticketforge.structures).
 COMMON_KEYS = ("method", "start", "sanity")
-CTS_KEYS = ("epochs", "steps", "lr", "batch_size", "objective", "temperature", "balance", "budget_slack",
+CTS_KEYS = ("epochs", "steps", "min_steps", "lr", "batch_size", "objective", "temperature", "balance", "budget_slack",
             "stop_overlap", "stop_window", "check_every")
 ALL_STARTS = ("trained", "rewind", "init")
 

@@ -19,7 +19,7 @@ from ticketforge.search.base import SearchContext, SearchResult
 from ticketforge.search.cts import concrete_search
 from ticketforge.structures.channels import cost as channel_cost
 from ticketforge.structures.channels.graph import discover
-from ticketforge.structures.channels.select import l1_scores, select
+from ticketforge.structures.channels.select import l1_scores
 from ticketforge.structures.channels.surgery import channel_mask, fold_shifts
 
 
@@ -70,7 +70,7 @@ def cts_channels(ctx: SearchContext) -> SearchResult:
 
     trained, info = concrete_search(ctx, logits, costs, kept_cost, overrides, desc="search (CTS, channels)")
     scores = [torch.sigmoid(trained[n]).cpu() for n in names]
-    keep, sel = select(plan, scores, target, ctx.recipe.convert.round_to, cost=channel_cost.plain(cost))
+    keep, sel = channel_cost.select_for(model, plan, scores, target, cost, ctx.recipe, example, ctx.ui.log)
     mask = channel_mask(model, plan, keep)
     info.update(sel)
     info.update(cost_info)
@@ -93,8 +93,8 @@ def magnitude_channels(ctx: SearchContext) -> SearchResult:
     example = ctx.example(8)
     plan = discover(model, example)
     cost, target, cost_info = channel_cost.for_recipe(model, plan, ctx.recipe, example, ctx.ui.log)
-    keep, sel = select(plan, l1_scores(model, plan), target, ctx.recipe.convert.round_to,
-                       cost=channel_cost.plain(cost))
+    keep, sel = channel_cost.select_for(model, plan, l1_scores(model, plan), target, cost, ctx.recipe, example,
+                                        ctx.ui.log)
     spread = fold_shifts(model, plan, keep, example)
     mask = channel_mask(model, plan, keep)
     sel.update(cost_info)

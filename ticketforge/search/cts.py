@@ -139,9 +139,13 @@ def bn_batch_stats(model: nn.Module):
 
 
 def search_steps(ctx: SearchContext, batches_per_epoch: int) -> int:
-    """The search's length, and with a stop rule its cap."""
+    """The search's length, and with a stop rule its cap: search.steps, else search.epochs but at
+    least search.min_steps (a small data set's epochs are few steps, and the count of mask samples
+    is what sorts the logits: 78 steps on digits lost 10-15 points at 98% against 200)."""
     cfg = ctx.recipe.search
-    return cfg.steps if cfg.steps > 0 else max(1, int(round(cfg.epochs * batches_per_epoch)))
+    if cfg.steps > 0:
+        return cfg.steps
+    return max(1, cfg.min_steps, int(round(cfg.epochs * batches_per_epoch)))
 
 
 def search_precision(device: torch.device) -> device_mod.Precision:

@@ -48,6 +48,7 @@ class Structure:
     summary: str = ""
     methods: tuple[str, ...] = ()        # search methods whose tickets this structure takes
     budget_keys: tuple[str, ...] = ()    # `search` keys that set the budget
+    tuning_keys: tuple[str, ...] = ()    # `search` keys that tune how a budget is met, without setting one
     fixed_keys: tuple[str, ...] = ()     # budget keys accepted but not free to choose (2:4's sparsity)
     sweep_key: str | None = None         # the `search` key a sweep varies; None: nothing to sweep
     convert_keys: tuple[str, ...] = ()   # `convert` keys it reads beyond `structure`
@@ -64,12 +65,12 @@ class Structure:
         budget.check(recipe, self.choosable())
 
     def search_keys(self, method: str) -> tuple[str, ...]:
-        """The `search` keys this structure reads with `method` (its budget)."""
-        return self.budget_keys
+        """The `search` keys this structure reads with `method` (its budget, and how it is met)."""
+        return self.budget_keys + self.tuning_keys
 
     def choosable(self) -> tuple[str, ...]:
         """The budget keys of which a run sets exactly one."""
-        return tuple(k for k in self.budget_keys if k not in self.fixed_keys and k != "budget_margin")
+        return tuple(k for k in self.budget_keys if k not in self.fixed_keys)
 
     def budget(self, recipe: "Recipe") -> str:
         """The budget in words, for the log."""
@@ -77,7 +78,7 @@ class Structure:
 
         return budget.describe(recipe) or ", ".join(
             f"{k} {getattr(recipe.search, k):g}" for k in self.budget_keys
-            if k not in budget.USER_KEYS and k != "budget_margin") or "fixed"
+            if k not in budget.USER_KEYS) or "fixed"
 
     def target_sparsity(self, recipe: "Recipe") -> float | None:
         """The weight sparsity the recipe asks for, where it asks for one."""

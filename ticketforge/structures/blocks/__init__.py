@@ -12,7 +12,8 @@ class Blocks(Structure):
     name = "blocks"
     summary = "removed residual blocks (faster everywhere)"
     methods = ("cts-blocks",)
-    budget_keys = ("target_macs", "blocks") + LATENCY_KEYS + (SIZE_KEY, "budget_margin")
+    budget_keys = ("target_macs", "blocks") + LATENCY_KEYS + (SIZE_KEY,)
+    tuning_keys = ("budget_margin",)
     sweep_key = "target_macs"
 
     def budget(self, recipe) -> str:

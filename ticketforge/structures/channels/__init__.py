@@ -15,13 +15,14 @@ class Channels(Structure):
     summary = "removed channels (faster on any runtime)"
     # A weight-level ticket is turned into channels too: the channels its mask left emptiest go.
     methods = ("cts-channels", "magnitude-channels") + WEIGHT_METHODS
-    budget_keys = ("target_macs",) + LATENCY_KEYS + (SIZE_KEY, "budget_margin")
+    budget_keys = ("target_macs",) + LATENCY_KEYS + (SIZE_KEY,)
+    tuning_keys = ("budget_margin", "measure_rounds")
     sweep_key = "target_macs"
     convert_keys = ("round_to",)
 
     def search_keys(self, method: str) -> tuple[str, ...]:
         # a weight-level ticket has its own sparsity, then channels meet target_macs
-        return self.budget_keys + (("sparsity",) if method in WEIGHT_METHODS else ())
+        return super().search_keys(method) + (("sparsity",) if method in WEIGHT_METHODS else ())
 
     def budget(self, recipe) -> str:
         return describe(recipe) or f"target MACs {recipe.search.target_macs:g} of dense"
@@ -38,7 +39,7 @@ class Channels(Structure):
         if keep is None:
             scores = (select.mask_density_scores(plan, mask) if mask is not None else select.l1_scores(model, plan))
             measure, target, cost_info = cost.for_recipe(model, plan, recipe, example)
-            keep, sel = select.select(plan, scores, target, recipe.convert.round_to, cost=cost.plain(measure))
+            keep, sel = cost.select_for(model, plan, scores, target, measure, recipe, example)
             sel["fold_spread"] = surgery.fold_shifts(model, plan, keep, example)
             mask = surgery.channel_mask(model, plan, keep)
             info.update(sel)
