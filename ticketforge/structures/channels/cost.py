@@ -185,7 +185,8 @@ def select_for(model, plan: ChannelPlan, scores, target: float, cost, recipe, ex
                 f"{1 / measured:.2f}x (aim {1 / want:.2f}x)")
             if r == rounds or abs(measured / want - 1) <= MEASURED_MARGIN / 2:
                 break
-            target = min(1.0, target * want / measured)  # the table's error, taken as a factor
+            # the table's error on this selection, taken as a factor on what it predicted for it
+            target = min(1.0, predicted * want / measured)
             before = [len(k) for k in keep]
             keep, sel = select(plan, scores, target, round_to, cost=plain(cost))
             if not sel["budget_met"] or [len(k) for k in keep] == before:
