@@ -26,6 +26,12 @@ class Method:
     keys: tuple[str, ...] = ()     # `search` keys it reads beyond COMMON_KEYS and the budget
     starts: tuple[str, ...] = ALL_STARTS  # search.start values it honours
     summary: str = ""
+    # How a size budget predicts, before the search, which weights this method zeroes: by "lamp" or
+    # "global" magnitude, or as its recipe's `search.scope` says ("scope").
+    size_stand_in: str = "global"
+
+    def stand_in(self, recipe) -> str:
+        return recipe.search.scope if self.size_stand_in == "scope" else self.size_stand_in
 
     def load(self):
         module, _, fn = self.target.partition(":")
@@ -34,7 +40,8 @@ class Method:
 
 METHODS: Registry[Method] = Registry("search method")
 for _m in (
-    Method("magnitude", "magnitude:magnitude", ("scope",), summary="magnitude (LAMP or global)"),
+    Method("magnitude", "magnitude:magnitude", ("scope",), summary="magnitude (LAMP or global)",
+           size_stand_in="scope"),
     Method("random", "baselines:random_pruning", summary="uniformly random weights"),
     Method("snip", "baselines:snip", ("batch_size",), summary="SNIP connection sensitivity"),
     Method("grasp", "baselines:grasp", ("batch_size",), summary="GraSP gradient flow"),

@@ -52,9 +52,10 @@ def plan_sparsity(model, recipe, example, log):
     import dataclasses
 
     from ticketforge import size_model
+    from ticketforge.search import METHODS
 
     limit = recipe.search.max_size_mb
-    lamp = recipe.search.method == "magnitude" and recipe.search.scope == "lamp"
+    lamp = METHODS.get(recipe.search.method).stand_in(recipe) == "lamp"
     # aimed 0.5% under the limit: the prediction is within a few hundred bytes of the file (protobuf
     # framing, names), and a plan at the limit itself misses it about half of the time
     sparsity, plan = size_model.sparsity_for(model, example, SIZE_AIM * limit * 2 ** 20, recipe.export.quantize,
