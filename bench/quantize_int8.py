@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from ticketforge import export, finetune, models, quantize, validate
+from ticketforge import export, finetune, models, quantize
 from ticketforge.data import load_data, loader
 from ticketforge.recipe import ExportConfig
 

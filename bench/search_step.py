@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-from ticketforge import finetune, models, recipe as recipes, search
+from ticketforge import finetune, models, recipe as recipes
 from ticketforge.data import load_data, loader
 from ticketforge.loading import LoadedModel
 from ticketforge.search.base import SearchContext

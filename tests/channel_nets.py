@@ -4,7 +4,7 @@ import copy
 import torch
 from torch import nn
 
-from ticketforge.structures.channels import graph, select, surgery, spec
+from ticketforge.structures.channels import graph, surgery
 
 
 def randomize_bn(model: nn.Module) -> nn.Module:

@@ -3,7 +3,6 @@ on real data (scikit-learn's digits), saved the ways users save models."""
 import os
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -23,7 +23,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import yaml
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings, strategies as st
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tests.channel_nets import cbr, randomize_bn
-from ticketforge.structures.channels import graph, select, surgery, spec
+from ticketforge.structures.channels import graph, surgery
 
 
 class PointwiseNet(nn.Module):

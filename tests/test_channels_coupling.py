@@ -3,7 +3,6 @@ single-output-channel conv mistaken for depthwise). Each net is shrunk and must 
 what its masked version computes."""
 import pytest
 import torch
-from torch import nn
 
 from tests.channel_nets import Concat, Depthwise, Grouped, Residual, SingleChannel, masked_and_shrunk, randomize_bn
 

@@ -6,7 +6,6 @@ from onnx import numpy_helper
 
 from tests.channel_nets import Depthwise, masked_and_shrunk, randomize_bn
 from ticketforge import validate
-from ticketforge.structures.channels import graph, select, surgery, spec
 from ticketforge.export import export_onnx
 from ticketforge.recipe import ExportConfig
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from ticketforge import models, ticket
-from ticketforge.structures.channels import graph, select, surgery, spec
 from ticketforge.pipeline import Job, compress
 from ticketforge.recipe import resolve
 from ticketforge.ui import SILENT

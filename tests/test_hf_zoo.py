@@ -19,7 +19,7 @@ T = pytest.importorskip("transformers", reason="the model zoo needs HF transform
 
 from ticketforge import adapt, cli, recipe as recipes, structures, validate  # noqa: E402
 from ticketforge.export import export_onnx  # noqa: E402
-from ticketforge.masks import Mask, global_topk, keep_count, prunable  # noqa: E402
+from ticketforge.masks import global_topk, keep_count, prunable  # noqa: E402
 from ticketforge.structures.blocks.residual import removable_blocks, remove_blocks  # noqa: E402
 from ticketforge.structures.nm import pattern  # noqa: E402
 

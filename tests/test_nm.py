@@ -2,7 +2,6 @@
 Gradient Flow, and the 2:4 recipes end to end on every built-in architecture."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

@@ -28,7 +28,6 @@ from ticketforge.errors import UserError
 from ticketforge.registry import Registry
 
 if TYPE_CHECKING:  # type names only: importing them here would load torch
-    import torch
     from torch import nn
 
     from ticketforge.masks import Mask
