@@ -269,6 +269,18 @@ def test_measured_selections_correct_the_table_before_the_fine_tune(monkeypatch,
         assert fake.macs[-1] < fake.macs[0]
 
 
+@pytest.mark.parametrize("measured,chosen", [
+    ([2.77, 1.93, 2.12, 2.30], 2.12),  # the least removed of those that met the target (2x)
+    ([2.77, 1.93, 2.03], 2.03),        # however close: not the table's 2.77x
+    ([1.50, 1.80, 1.70], 1.80),        # none met it: the fastest, and the verify step removes more
+])
+def test_the_measured_selection_kept(measured, chosen):
+    from ticketforge.structures.channels.cost import choose
+
+    tried = [{"measured_speedup": m} for m in measured]
+    assert choose(tried, goal=1 / 2.0)["measured_speedup"] == chosen
+
+
 def test_measure_rounds_needs_a_latency_budget():
     with pytest.raises(UserError, match="measure_rounds.*latency budget"):
         resolve("cts-channels", ["search.measure_rounds=1"])

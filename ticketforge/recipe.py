@@ -70,7 +70,7 @@ class SearchConfig:
                                        "model.int8.onnx with export.quantize int8)", lo=0.0, lo_open=True)
     budget_margin: float = opt(0.1, "latency budgets: the search aims this fraction beyond the target, for what its "
                                "latency table does not predict; the verify step then times the export", lo=0.0)
-    measure_rounds: int = opt(2, "latency budgets, channels: times the selection is exported, timed against dense and "
+    measure_rounds: int = opt(3, "latency budgets, channels: times the selection is exported, timed against dense and "
                               "re-selected for the measured error of the latency table, before the fine-tune "
                               "(0: trust the table)", lo=0)
 
