@@ -22,6 +22,8 @@ from ticketforge.errors import UserError
 
 LATENCY_KEYS = ("target_speedup", "target_latency_ms")
 SIZE_KEY = "max_size_mb"
+# `search` keys that tune how a latency budget is met without setting one.
+TUNING_KEYS = ("budget_margin", "measure_rounds")
 USER_KEYS = LATENCY_KEYS + (SIZE_KEY,)
 # Every `search` key that sets how much is removed: at most one of them per run.
 ALL_KEYS = ("sparsity", "target_macs", "blocks") + USER_KEYS
@@ -50,7 +52,7 @@ def check(recipe, choosable: tuple[str, ...]) -> None:
         raise UserError(f"recipe keys 'search.{keys[0]}' and 'search.{keys[1]}' both set a budget; a run has "
                         f"exactly one: keep one of them")
     search = (getattr(recipe, "source", None) or {}).get("search") or {}
-    for tuning in ("budget_margin", "measure_rounds"):
+    for tuning in TUNING_KEYS:
         if tuning in search and key(recipe) not in LATENCY_KEYS:
             raise UserError(f"recipe key 'search.{tuning}' is read only with a latency budget "
                             f"(search.target_speedup or search.target_latency_ms); remove it")

@@ -23,13 +23,18 @@ def time_model(dense: Path, model: Path, sample_shape: tuple[int, ...], batch: i
     return latency.compare(dense, model, [batch], settings, sample_shape=sample_shape)[0]
 
 
+def timing_settings(recipe) -> latency.Settings:
+    """The report's latency method, with the budget's threads: how every timed budget is measured."""
+    return dataclasses.replace(validate.latency_settings(recipe.validate), threads=budget.threads(recipe))
+
+
 def verify(run, write_model: Callable[[object], None]) -> dict:
     """The report's budget section for `run` (a steps.Run after export); `write_model(run)` writes
     model.onnx and ticket.pt again after a change."""
     recipe = run.recipe
     target = budget.Target.of(recipe)
     b = budget.batch(recipe)
-    settings = dataclasses.replace(validate.latency_settings(recipe.validate), threads=budget.threads(recipe))
+    settings = timing_settings(recipe)
 
     def measure() -> dict:
         if target.unit == "MB":

@@ -5,7 +5,7 @@ they cost), select.py (which stay), surgery.py (masks, BatchNorm-shift folding, 
 (rebuilding the shrunk model from plain data)."""
 from __future__ import annotations
 
-from ticketforge.budget import LATENCY_KEYS, SIZE_KEY, describe
+from ticketforge.budget import LATENCY_KEYS, SIZE_KEY, TUNING_KEYS, describe
 from ticketforge.structures import Converted, Structure, fewer_weights
 from ticketforge.structures.unstructured import WEIGHT_METHODS
 
@@ -16,7 +16,7 @@ class Channels(Structure):
     # A weight-level ticket is turned into channels too: the channels its mask left emptiest go.
     methods = ("cts-channels", "magnitude-channels") + WEIGHT_METHODS
     budget_keys = ("target_macs",) + LATENCY_KEYS + (SIZE_KEY,)
-    tuning_keys = ("budget_margin", "measure_rounds")
+    tuning_keys = TUNING_KEYS
     sweep_key = "target_macs"
     convert_keys = ("round_to",)
 

@@ -165,6 +165,7 @@ def select_for(model, plan: ChannelPlan, scores, target: float, cost, recipe, ex
     fine-tuning: the table sums layers timed one at a time, and on this machine it predicted 2.2x
     for a file that measured 2.8x; what the search removes beyond the target is accuracy lost for
     nothing (NetAdapt measures its candidates for the same reason). The report gets every round."""
+    from ticketforge.export import export_dense_copy
     from ticketforge.structures.channels.select import select
 
     round_to = recipe.convert.round_to
@@ -176,7 +177,7 @@ def select_for(model, plan: ChannelPlan, scores, target: float, cost, recipe, ex
     want = goal / (1 + min(recipe.search.budget_margin, MEASURED_MARGIN))  # what the rounds aim at
     tried = []
     with tempfile.TemporaryDirectory() as tmp:
-        dense = _dense_export(model, example, Path(tmp))
+        dense = export_dense_copy(model, example, Path(tmp) / "dense.onnx")
         for r in range(rounds + 1):
             predicted = cost([len(k) for k in keep]) / cost.dense
             measured = _measured_fraction(model, plan, keep, example, dense, Path(tmp) / f"r{r}.onnx", recipe)
@@ -210,21 +211,13 @@ def choose(tried: list[dict], goal: float) -> dict:
     return max(tried, key=lambda t: t["measured_speedup"])
 
 
-def _dense_export(model, example, tmp: Path) -> Path:
-    from ticketforge.export import export_dense_copy
-
-    return export_dense_copy(model, example, tmp / "dense.onnx")
-
-
 def _measured_fraction(model, plan, keep, example, dense: Path, path: Path, recipe) -> float:
     """The time of the model shrunk to `keep`, as a fraction of dense's, measured the budget's way."""
-    import dataclasses
-
-    from ticketforge import budget_verify, validate
+    from ticketforge import budget_verify
     from ticketforge.export import export_dense_copy
     from ticketforge.structures.channels.surgery import shrink
 
     export_dense_copy(shrink(model, plan, keep, example.cpu()), example, path)
-    settings = dataclasses.replace(validate.latency_settings(recipe.validate), threads=budget.threads(recipe))
-    row = budget_verify.time_model(dense, path, tuple(example.shape[1:]), budget.batch(recipe), settings)
+    row = budget_verify.time_model(dense, path, tuple(example.shape[1:]), budget.batch(recipe),
+                                   budget_verify.timing_settings(recipe))
     return 1.0 / row["speedup"]
