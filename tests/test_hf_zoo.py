@@ -155,3 +155,25 @@ def test_structure_that_does_not_exist_is_one_line():
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and "no layer of this model qualifies" in lines[0]
     assert not Path("out2").exists()
+
+
+def test_a_latency_budget_on_a_text_model_with_an_attention_mask():
+    """The budget's cost model and timings export and feed ids and mask as two graph inputs, as the
+    export step does (the packed (N, 2, L) tensor does not trace through the split hook, and the
+    graph's first input is (N, L), not (N, 2, L)). Real timings: only that every budget stage ran."""
+    text, _ = build("bert")
+    text.save_pretrained("bert-hf")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 80, (48, 16))
+    mask = np.ones_like(ids)
+    mask[::3, 12:] = 0
+    np.savez("tok.npz", x=ids, y=np.arange(48) % 5, attention_mask=mask)
+    result = CliRunner().invoke(cli.cli, [
+        "compress", "bert-hf", "--data", "tok.npz", "--recipe", "cts-channels", "--epochs", "1", "--out", "out",
+        "--quiet", "--set", "search.epochs=1", "--set", "search.target_speedup=1.2", "--set", "search.measure_rounds=1",
+        "--set", "validate.repeats=3", "--set", "validate.warmup=0", "--set", "validate.max_seconds=0.3",
+        "--set", "validate.latency_batches=[8]"], prog_name="ticketforge")
+    assert result.exit_code in (0, 1), result.output  # 1: the gate, if this machine's timing misses 1.2x
+    r = json.loads(Path("out/report.json").read_text())
+    assert r["search"]["cost"] == "measured latency table" and r["search"]["measured_rounds"]
+    assert r["budget"]["attempts"] and r["budget"]["attempts"][0]["value"] > 0

@@ -72,12 +72,25 @@ def mask_keyword(model: nn.Module) -> str | None:
 
 def apply(model: nn.Module, io: dict) -> nn.Module:
     """Install the hooks `io` (from `fit`) describes; also on a freshly built copy of the model."""
+    model.ticketforge_inputs = list(io.get("inputs", ["input"]))  # read by graph_inputs(), copies keep it
     if io.get("inputs", ["input"])[1:]:
         model.register_forward_pre_hook(functools.partial(_split_hook, keyword=io.get("mask_keyword")),
                                         with_kwargs=True)
     if io.get("output", "tensor") != "tensor":
         model.register_forward_hook(_logits_hook)
     return model
+
+
+def graph_inputs(model: nn.Module) -> list[str]:
+    """The ONNX graph inputs an adapted model is exported with: ids and mask as two inputs where the
+    data has an attention mask (the packed tensor does not trace through the split hook)."""
+    return list(getattr(model, "ticketforge_inputs", ["input"]))
+
+
+def graph_sample_shape(model: nn.Module, example: torch.Tensor) -> tuple[int, ...]:
+    """One sample of the exported graph's first input (DataBundle.graph_input_shape, from a batch):
+    packed ids and mask (N, 2, L) are two inputs of (N, L) there."""
+    return tuple(example.shape[2:] if len(graph_inputs(model)) == 2 else example.shape[1:])
 
 
 def fit(model: nn.Module, inputs: list[str], example: torch.Tensor) -> dict:

@@ -39,7 +39,7 @@ def verify(run, write_model: Callable[[object], None]) -> dict:
     def measure() -> dict:
         if target.unit == "MB":
             return {"value": size_model.deployed_bytes(run.out, recipe, run.bundle) / 2 ** 20, "ci": None}
-        row = time_model(run.out / "dense.onnx", run.out / "model.onnx", tuple(run.bundle.input_shape), b, settings)
+        row = time_model(run.out / "dense.onnx", run.out / "model.onnx", run.bundle.graph_input_shape, b, settings)
         speed = target.unit == "x"
         return {"value": row["speedup"] if speed else row["compressed_ms"],
                 "ci": row["speedup_ci"] if speed else row.get("compressed_ms_ci"),

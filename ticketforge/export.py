@@ -93,7 +93,10 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
 def export_dense_copy(model: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
     """A copy of `model` exported on the CPU with every weight stored dense: what the budgets'
     cost models measure and size (the model itself is left as it was)."""
-    export_onnx(copy.deepcopy(model).cpu().eval(), example[:2].cpu(), path, ExportConfig(sparse_storage="never"))
+    from ticketforge.adapt import graph_inputs
+
+    export_onnx(copy.deepcopy(model).cpu().eval(), example[:2].cpu(), path, ExportConfig(sparse_storage="never"),
+                graph_inputs(model))
     return Path(path)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from ticketforge import budget
+from ticketforge import adapt, budget
 
 
 def block_costs(model, names: list[str], recipe, example, log=lambda s: None) -> tuple[dict, float, float, dict]:
@@ -29,7 +29,7 @@ def block_costs(model, names: list[str], recipe, example, log=lambda s: None) ->
             return costs, total, recipe.search.max_size_mb * 2 ** 20 / total, {"cost": "parameter bytes"}
         layers = latency_table.layers_of(model, example)
         table = latency_table.build(layers, {n: ([l.cin], [l.cout]) for n, l in layers.items()}, dense,
-                                    tuple(example.shape[1:]), budget.batch(recipe), budget.threads(recipe), log=log)
+                                    adapt.graph_sample_shape(model, example), budget.batch(recipe), budget.threads(recipe), log=log)
     full = table.layers_ms
     scale = min(1.0, table.dense_ms / full) if full > 0 else 1.0
     costs = {n: scale * sum(table.ms(l, layers[l].cin, layers[l].cout) for l in layers if l.startswith(n + "."))

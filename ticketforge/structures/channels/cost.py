@@ -10,7 +10,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from ticketforge import budget
+from ticketforge import adapt, budget
 from ticketforge.structures.channels.graph import ChannelPlan
 from ticketforge.structures.channels.select import allowed_counts
 
@@ -130,7 +130,7 @@ def for_recipe(model, plan: ChannelPlan, recipe, example, log=lambda s: None) ->
             return cost, target, {"cost": "parameter bytes of model.onnx", "dense_bytes": int(cost.dense)}
         b = budget.batch(recipe)
         table = latency_table.build(layers, grids(plan, layers, recipe.convert.round_to), dense,
-                                    tuple(example.shape[1:]), b, budget.threads(recipe), log=log)
+                                    adapt.graph_sample_shape(model, example), b, budget.threads(recipe), log=log)
     cost = LatencyCost(plan, layers, table)
     target, aim = budget.latency_fraction(recipe, cost.dense)
     return cost, target, {"cost": "measured latency table", "latency_table": table.summary(), "aim": aim}
@@ -218,6 +218,6 @@ def _measured_fraction(model, plan, keep, example, dense: Path, path: Path, reci
     from ticketforge.structures.channels.surgery import shrink
 
     export_dense_copy(shrink(model, plan, keep, example.cpu()), example, path)
-    row = budget_verify.time_model(dense, path, tuple(example.shape[1:]), budget.batch(recipe),
+    row = budget_verify.time_model(dense, path, adapt.graph_sample_shape(model, example), budget.batch(recipe),
                                    budget_verify.timing_settings(recipe))
     return 1.0 / row["speedup"]
