@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from cts_vs_ltr import mnist1d_bundle  # noqa: E402  (registers the mnist1d-cnn model)
 from tables import mean_sd  # noqa: E402
 
-from ticketforge import finetune, models, recipe as recipes, search  # noqa: E402
+from ticketforge import finetune, models, recipe as recipes, structures  # noqa: E402
 from ticketforge.finetune import Schedule  # noqa: E402
 from ticketforge.search.base import SearchContext  # noqa: E402
 from ticketforge.data import loader  # noqa: E402
@@ -43,7 +43,7 @@ def one(tag, sets, dense, bundle, seed, sparsity, device):
                         recipe=recipe, device=device, seed=seed)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    found = search.run(ctx)
+    found = structures.find_ticket(ctx)
     seconds = time.perf_counter() - t0
     acc = finetune.fit(found.model, found.mask, found.schedule or Schedule.finetune(recipe), bundle, device,
                        seed=seed, bn_recalibrate=recipe.finetune.bn_recalibrate).accuracy

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ticketforge import finetune, models, recipe as recipes, search
+from ticketforge import finetune, models, recipe as recipes, structures
 from ticketforge.finetune import Schedule
 from ticketforge.search.base import SearchContext
 from ticketforge.data import load_data, loader
@@ -55,7 +55,7 @@ def point(method: str, setting: str, sparsity: float, dense, arch, bundle, seed:
                                device=device, seed=seed)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    found = search.run(ctx)
+    found = structures.find_ticket(ctx)
     t1 = time.perf_counter()
     before = None
     if found.mask is not None:

@@ -47,7 +47,7 @@ from torch.utils.data import TensorDataset
 
 from tables import density_axis, mean_sd
 
-from ticketforge import finetune, models, recipe as recipes, search
+from ticketforge import finetune, models, recipe as recipes, structures
 from ticketforge.finetune import Schedule
 from ticketforge.search.base import SearchContext
 from ticketforge.data import DataBundle, load_data, loader
@@ -136,7 +136,7 @@ def one_shot(method, sparsity, dense, arch, kwargs, bundle, seed, args, extra_ep
     ctx = context(model, arch, kwargs, bundle, recipe, seed)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    found = search.run(ctx)
+    found = structures.find_ticket(ctx)
     t1 = time.perf_counter()
     probe = copy.deepcopy(found.model)
     found.mask.apply(probe)

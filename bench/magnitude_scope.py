@@ -23,7 +23,7 @@ import torch
 
 from cts_vs_ltr import DATA, DEVICE, context, dense_model
 from tables import density_axis, mean_sd
-from ticketforge import finetune, recipe as recipes, search
+from ticketforge import finetune, recipe as recipes, structures
 from ticketforge.data import loader
 from ticketforge.finetune import Schedule
 
@@ -39,7 +39,7 @@ def ticket(scope: str, sparsity: float, epochs: int, dense, arch, kwargs, bundle
     model = copy.deepcopy(dense)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    found = search.run(context(model, arch, kwargs, bundle, recipe, seed))
+    found = structures.find_ticket(context(model, arch, kwargs, bundle, recipe, seed))
     probe = copy.deepcopy(found.model)
     found.mask.apply(probe)
     finetune.recalibrate_bn(probe, loader(bundle.train, 128, shuffle=True, seed=seed), DEVICE)

@@ -36,3 +36,13 @@ def make_tiny(folder: Path) -> Path:
 
 FAST = ["--arch", "tinynet:Net", "--data", "digits", "--device", "cpu", "--set", "validate.repeats=3",
         "--set", "validate.warmup=0", "--set", "validate.latency_batches=[1]"]
+
+
+def cli_subprocess(folder: Path, *args: str):
+    """`python -m ticketforge ARGS` in `folder`, in a fresh process (a plug-in it registers stays
+    out of the test process's registry); the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "ticketforge", *args], cwd=folder, capture_output=True, text=True,
+                          timeout=600)

@@ -132,3 +132,13 @@ def cli():
     def run(*args):
         return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
     return run
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A folder holding the tiny trained MLP of tests/_tiny.py (mlp.pt, --arch tinynet:Net)."""
+    from tests._tiny import make_tiny
+
+    folder = tmp_path_factory.mktemp("tiny")
+    make_tiny(folder)
+    return folder

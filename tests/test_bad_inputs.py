@@ -300,8 +300,8 @@ def _valid(key, tp, meta):
         return st.sampled_from(sorted(search.METHODS))
     if key in LIST_VALUES:
         return LIST_VALUES[key]
-    if meta.get("choices"):
-        return st.sampled_from(meta["choices"])
+    if recipes.choices_of(meta):
+        return st.sampled_from(recipes.choices_of(meta))
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if args:  # Optional[x]
         return st.none() | _valid(key, args[0], meta)

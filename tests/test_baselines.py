@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from ticketforge import search
+from ticketforge import structures
 from ticketforge.masks import keep_count
 from ticketforge.search.baselines import _linearize
 
@@ -17,7 +17,7 @@ def rounds(method: str, n: int) -> list[str]:
 @pytest.mark.parametrize("sparsity", [0.5, 0.97])
 def test_each_baseline_keeps_the_exact_count(make_ctx, method, sparsity):
     ctx = make_ctx([f"search.method={method}", f"search.sparsity={sparsity}", *rounds(method, 5)])
-    res = search.run(ctx)
+    res = structures.find_ticket(ctx)
     assert res.mask.kept == keep_count(res.mask.total, sparsity)
     assert res.info["method"] == method
     # the mask is what the scores say: every kept score >= every pruned score
@@ -30,7 +30,7 @@ def test_scoring_leaves_the_weights_alone(make_ctx):
     for method in ("snip", "grasp", "synflow"):
         ctx = make_ctx([f"search.method={method}", *rounds(method, 3)])
         before = {k: v.clone() for k, v in ctx.model.state_dict().items()}
-        search.run(ctx)
+        structures.find_ticket(ctx)
         assert all(torch.equal(before[k], v) for k, v in ctx.model.state_dict().items()), method
 
 
@@ -39,7 +39,7 @@ def test_synflow_keeps_the_network_connected(make_ctx):
     linearised masked network still carries flow. (Residual branches may go entirely: the
     identity shortcuts carry it.)"""
     ctx = make_ctx(["search.method=synflow", "search.sparsity=0.99", "search.synflow_rounds=20"])
-    res = search.run(ctx)
+    res = structures.find_ticket(ctx)
     net = copy.deepcopy(res.model).double().eval()
     _linearize(net)
     res.mask.apply(net)
@@ -48,15 +48,15 @@ def test_synflow_keeps_the_network_connected(make_ctx):
 
 
 def test_random_depends_on_the_seed(make_ctx):
-    a = search.run(make_ctx(["search.method=random"]))
+    a = structures.find_ticket(make_ctx(["search.method=random"]))
     ctx = make_ctx(["search.method=random"])
     ctx.seed = 1
-    b = search.run(ctx)
+    b = structures.find_ticket(ctx)
     assert any(not torch.equal(a.mask[k], b.mask[k]) for k in a.mask)
 
 
 @pytest.mark.parametrize("method", ["snip", "synflow"])
 def test_baselines_search_at_init(make_ctx, method):
     ctx = make_ctx([f"search.method={method}", "search.start=init", *rounds(method, 3)])
-    res = search.run(ctx)
+    res = structures.find_ticket(ctx)
     assert res.model is not ctx.model and res.schedule.start_epoch == 0

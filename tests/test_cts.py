@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ticketforge import sanity, search, structures
+from ticketforge import sanity, structures
 from ticketforge.finetune import Schedule
 from ticketforge.errors import UserError
 from ticketforge.masks import prunable
@@ -51,7 +51,7 @@ def test_rewind_must_leave_epochs_to_retrain(make_ctx):
 @pytest.mark.parametrize("start", ["rewind", "init"])
 def test_cts_passes_the_retrain_schedule_on(make_ctx, start):
     ctx = make_ctx([f"search.start={start}", "search.steps=2", "search.sparsity=0.9"])
-    res = search.run(ctx)
+    res = structures.find_ticket(ctx)
     assert res.schedule.total_epochs == 2 and res.info["start"] == start
     assert res.model is not ctx.model
     assert res.mask.kept == round(0.1 * res.mask.total)
@@ -62,7 +62,7 @@ def test_cts_passes_the_retrain_schedule_on(make_ctx, start):
 def _ticket(make_ctx):
     ctx = make_ctx(["search.method=magnitude", "search.sparsity=0.8", "finetune.epochs=1",
                     "finetune.batch_size=32"])
-    return ctx, search.run(ctx)
+    return ctx, structures.find_ticket(ctx)
 
 
 def test_shuffled_keeps_each_layers_density_and_moves_the_weights(make_ctx):
@@ -188,7 +188,7 @@ def test_concrete_sample_follows_the_authors_parametrisation():
 def test_cts_trains_the_logits_only_and_keeps_the_exact_count(make_ctx):
     ctx = make_ctx(["search.steps=3", "search.sparsity=0.95"])
     before = {k: v.clone() for k, v in ctx.model.state_dict().items()}
-    res = search.run(ctx)
+    res = structures.find_ticket(ctx)
     assert all(torch.equal(before[k], v) for k, v in ctx.model.state_dict().items())  # weights frozen
     assert all(p.requires_grad for p in ctx.model.parameters())                      # and given back
     init = math.log(0.05 / 0.95)
@@ -222,7 +222,7 @@ def test_cts_gives_frozen_parameters_back_frozen(make_ctx):
     params[0].requires_grad_(False)
     params[-1].requires_grad_(False)
     before = [p.requires_grad for p in ctx.model.parameters()]
-    search.run(ctx)
+    structures.find_ticket(ctx)
     assert [p.requires_grad for p in ctx.model.parameters()] == before
 
 
@@ -278,14 +278,14 @@ def test_search_without_convergence_runs_to_the_cap():
 
 
 def test_cts_reports_where_and_why_it_stopped(make_ctx):
-    res = search.run(make_ctx(["search.epochs=3", "search.min_steps=0", "search.check_every=1", "search.stop_window=2"]))
+    res = structures.find_ticket(make_ctx(["search.epochs=3", "search.min_steps=0", "search.check_every=1", "search.stop_window=2"]))
     stop = res.info["stop"]
     assert stop["reason"] in ("converged", "cap") and stop["step"] == res.info["steps"] <= res.info["max_steps"]
     assert res.info["max_steps"] == 3 * 4  # 64 samples, batch 16: the cap is search.epochs
-    off = search.run(make_ctx(["search.epochs=3", "search.min_steps=0", "search.stop_overlap=1"]))
+    off = structures.find_ticket(make_ctx(["search.epochs=3", "search.min_steps=0", "search.stop_overlap=1"]))
     assert "stop" not in off.info and off.info["steps"] == 12
     # a small data set's few epochs are lengthened to search.min_steps (the recipe's 200)
-    floor = search.run(make_ctx(["search.epochs=3", "search.stop_overlap=1", "search.min_steps=20"]))
+    floor = structures.find_ticket(make_ctx(["search.epochs=3", "search.stop_overlap=1", "search.min_steps=20"]))
     assert floor.info["steps"] == floor.info["max_steps"] == 20
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ticketforge import recipe as recipes, search
+from ticketforge import recipe as recipes, structures
 from ticketforge.errors import UserError
 from ticketforge.masks import global_topk
 from ticketforge.search.magnitude import lamp_scores
@@ -39,7 +39,7 @@ def test_global_empties_a_small_scale_layer_where_lamp_keeps_it():
 
 @pytest.mark.parametrize("scope", ["lamp", "global"])
 def test_the_method_reports_its_scope_and_ranks_by_it(make_ctx, scope):
-    res = search.run(make_ctx(["search.method=magnitude", f"search.scope={scope}", "search.sparsity=0.95"]))
+    res = structures.find_ticket(make_ctx(["search.method=magnitude", f"search.scope={scope}", "search.sparsity=0.95"]))
     assert res.info["scope"] == scope
     kept = torch.cat([res.scores[k][m].flatten() for k, m in res.mask.items()])
     pruned = torch.cat([res.scores[k][~m].flatten() for k, m in res.mask.items()])

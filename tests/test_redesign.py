@@ -140,11 +140,11 @@ def test_sweep_points_vary_the_structures_budget_through_the_schema():
 # ---------------------------------------------------------------- defect 9: sanity variants train like the ticket
 
 def test_sanity_variants_get_the_structures_training_hook(make_ctx, monkeypatch):
-    from ticketforge import finetune, sanity, search
+    from ticketforge import finetune, sanity
     from ticketforge.finetune import Schedule
 
     ctx = make_ctx(["search.method=magnitude", "search.sparsity=0.5"])
-    res = search.run(ctx)
+    res = structures.find_ticket(ctx)
     # the 2:4 structure's hook (mask decay), whatever ticket it is given
     ctx.recipe = recipes.resolve("magnitude-2to4", ["convert.nm_decay=exponential", "finetune.epochs=1"])
     seen = []

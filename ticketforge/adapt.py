@@ -19,6 +19,7 @@ import functools
 import inspect
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -124,3 +125,14 @@ def fit(model: nn.Module, inputs: list[str], example: torch.Tensor) -> dict:
         io["output"] = how
         model.register_forward_hook(_logits_hook)
     return io
+
+
+def inputs(names: list[str], x) -> dict[str, np.ndarray]:
+    """ONNX Runtime's inputs for one batch as ticketforge holds it: float32 images or features,
+    int64 token ids, and a packed attention mask (N, 2, L: ids, mask; ticketforge.adapt) split into
+    the graph's second input."""
+    x = x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    x = x.astype(np.int64 if x.dtype.kind in "iub" else np.float32, copy=False)
+    if len(names) == 2:
+        return {names[0]: np.ascontiguousarray(x[:, 0]), names[1]: np.ascontiguousarray(x[:, 1])}
+    return {names[0]: x}

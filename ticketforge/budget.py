@@ -15,6 +15,7 @@ This module is torch-free (the recipe schema calls `check`); `close_loop` is the
 loop, written over callables so that it runs the same on real timings and on a test's fake timer."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,11 +31,13 @@ ALL_KEYS = ("sparsity", "target_macs", "blocks") + USER_KEYS
 
 
 def given(recipe) -> list[str]:
-    """The budget keys the recipe sets itself (not schema defaults). `blocks: 0` means "use
-    target_macs", so it sets nothing."""
+    """The budget keys the recipe sets itself (not schema defaults). A key written with the value
+    that means "not set" (`blocks: 0`: use target_macs) sets nothing."""
     source = getattr(recipe, "source", None)
     search = (source or {}).get("search") or {}
-    return [k for k in ALL_KEYS if k in search and not (k == "blocks" and not search[k])]
+    unset = {f.name: f.metadata.get("unset") for f in dataclasses.fields(recipe.search)}
+    return [k for k in ALL_KEYS if k in search and search[k] is not None
+            and not (unset.get(k) is not None and search[k] == unset[k])]
 
 
 def key(recipe) -> str | None:

@@ -57,8 +57,8 @@ def verify(run, write_model: Callable[[object], None]) -> dict:
         conv.model.eval()
         run.converted = conv
         run.accuracy = finetune.evaluate(conv.model, run.val_loader(), run.device)
-        run.ui.log(f"budget: removed more ({_what(conv.info)}); accuracy without further fine-tuning "
-                   f"{run.accuracy:.4f}")
+        run.ui.log(f"budget: removed more ({run.structure.describe_change(conv.info)}); accuracy without further "
+                   f"fine-tuning {run.accuracy:.4f}")
         write_model(run)
         return True
 
@@ -73,11 +73,3 @@ def verify(run, write_model: Callable[[object], None]) -> dict:
                             if section["stopped"] == "nothing left"
                             else f"validate.budget_rounds ({recipe.validate.budget_rounds}) adjustments were not enough"))
     return section
-
-
-def _what(info: dict) -> str:
-    if "kept_channels" in info:
-        return "channels kept " + ", ".join(f"{k} {v}" for k, v in info["kept_channels"].items())
-    if "removed_blocks" in info:
-        return "blocks removed " + ", ".join(info["removed_blocks"])
-    return info.get("structure", "")

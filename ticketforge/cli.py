@@ -81,6 +81,19 @@ def parse_kwargs(text: str | None) -> dict | None:
     return value
 
 
+# A plug-in registers what it defines (a structure: ticketforge.structures.register) when imported.
+PLUGIN = click.option("--plugin", "plugins", multiple=True, envvar="TICKETFORGE_PLUGINS", metavar="MODULE",
+                      help="import this module first (from the current directory), e.g. one that registers a "
+                           "structure; repeatable (env TICKETFORGE_PLUGINS, separated by spaces)")
+
+
+def load_plugins(names) -> None:
+    from ticketforge.registry import import_user_module
+
+    for name in names:
+        import_user_module(name, "--plugin")
+
+
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--recipe", "recipe_name", required=True, help="built-in recipe name or YAML path")
@@ -103,13 +116,15 @@ def parse_kwargs(text: str | None) -> dict | None:
 @click.option("--junit", type=click.Path(path_type=Path), help="write the gate's checks as JUnit XML here")
 @click.option("--sanity", is_flag=True, help="also train the sanity-check tickets (shuffled, inverted, "
               "re-initialised) and report their accuracy (search.sanity)")
+@PLUGIN
 @click.option("--debug", is_flag=True, help="show tracebacks")
 @guarded
 def compress(model, recipe_name, data, arch, arch_kwargs, sparsity, epochs, sets, out, device, seed, val_fraction,
-             trust_pickle, force, quiet, as_json, junit, sanity, debug):
+             trust_pickle, force, quiet, as_json, junit, sanity, plugins, debug):
     """Compress MODEL with a recipe: search, fine-tune, convert, export, validate."""
     from ticketforge.pipeline import Job, compress as run_compress, default_out
 
+    load_plugins(plugins)
     recipe = recipes.resolve(recipe_name, list(sets) + (["search.sanity=true"] if sanity else []),
                              sparsity=sparsity, epochs=epochs)
     job = Job(model_path=model, recipe=recipe, data=data, out=out, arch=arch, arch_kwargs=parse_kwargs(arch_kwargs),
@@ -128,7 +143,7 @@ def compress(model, recipe_name, data, arch, arch_kwargs, sparsity, epochs, sets
 
 # sweep takes compress's options (one definition of each), less those that name a single point.
 _SWEEP_SHARED = ("model", "recipe_name", "data", "arch", "arch_kwargs", "epochs", "sets", "device", "seed",
-                 "val_fraction", "trust_pickle", "force", "quiet", "debug")
+                 "val_fraction", "trust_pickle", "force", "quiet", "plugins", "debug")
 
 
 @cli.command("sweep", params=[p for p in compress.params if p.name in _SWEEP_SHARED])
@@ -138,11 +153,12 @@ _SWEEP_SHARED = ("model", "recipe_name", "data", "arch", "arch_kwargs", "epochs"
 @click.option("--out", type=click.Path(path_type=Path), help="output folder (default exported/<model>-<recipe>-sweep)")
 @guarded
 def sweep_cmd(model, recipe_name, data, arch, arch_kwargs, epochs, sets, device, seed, val_fraction, trust_pickle,
-              force, quiet, debug, points, out):
+              force, quiet, plugins, debug, points, out):
     """Compress MODEL at several budgets; write a table and a plot of accuracy vs latency and size."""
     from ticketforge.pipeline import Job
     from ticketforge.sweep import parse_points, sweep
 
+    load_plugins(plugins)
     points = parse_points(points)
     recipe = recipes.resolve(recipe_name, list(sets), epochs=epochs)
     job = Job(model_path=model, recipe=recipe, data=data, arch=arch, arch_kwargs=parse_kwargs(arch_kwargs),
@@ -271,6 +287,20 @@ def list_recipes(name, debug):
         click.echo(f"{n:<20} {r.description}")
     for alias, n in sorted(recipes.ALIASES.items()):
         click.echo(f"{alias:<20} the same as {n}")
+
+
+@cli.command("structures")
+@PLUGIN
+@click.option("--debug", is_flag=True)
+@guarded
+def list_structures(plugins, debug):
+    """List the structures a ticket can become (convert.structure) and the methods that search each."""
+    from ticketforge.structures import STRUCTURES
+
+    load_plugins(plugins)
+    for name, s in STRUCTURES.items():
+        click.echo(f"{name:<14} {s.summary}")
+        click.echo(f"{'':<14} methods: {', '.join(s.methods())}; budget keys: {', '.join(s.budget_keys)}")
 
 
 @cli.command("models")

@@ -15,7 +15,8 @@ What each threshold measures (one check per row, so CI shows exactly what failed
 - min_sparsity: the sparsity of the prunable weights read back from model.onnx.
 A run with a budget (search.target_speedup, target_latency_ms, max_size_mb: ticketforge.budget)
 also gets one check for it, always: the budget is what the user asked for, so a run that misses it
-fails the gate (exit 1), even where no threshold is set."""
+fails the gate (exit 1), even where no threshold is set. So does what a structure promises of the
+exported file (2:4: every eligible weight group holds the pattern), from its `gate_checks` hook."""
 from __future__ import annotations
 
 import dataclasses
@@ -24,6 +25,7 @@ import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from ticketforge import structures
 from ticketforge.errors import UserError
 from ticketforge.recipe import GateConfig
 from ticketforge.report_schema import Report
@@ -84,6 +86,9 @@ def evaluate(report: Report, thresholds: dict) -> dict:
         where = f"batch {b['batch']}" if b.get("batch") else b.get("file", "model.onnx")
         checks.append(_check(f"budget[{b['key']}, {where}]", b["target"], b["measured"], b["met"],
                              "point value of the verify step's measurement" if b.get("ci") else None))
+    for name, section in (report.structure or {}).items():
+        if name in structures.STRUCTURES:
+            checks += structures.get(name).gate_checks(section)
     return {"passed": all(c["passed"] for c in checks), "checks": checks}
 
 

@@ -125,7 +125,7 @@ def count(model: str | Path | onnx.ModelProto, sample: np.ndarray | dict | None 
         if isinstance(sample, dict):
             feeds = sample
         elif sample is not None:
-            from ticketforge.validate import inputs
+            from ticketforge.adapt import inputs
             feeds = inputs([i.name for i in sess.get_inputs()], np.asarray(sample)[None])
         else:
             feeds = _zeros(model, inits)

@@ -1,16 +1,13 @@
 """Built-in architectures, found by name (`ticketforge models`), and `--arch` resolution."""
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ticketforge.errors import UserError
-from ticketforge.registry import Registry
+from ticketforge.registry import Registry, import_user_module
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("built-in model")
 register_model = MODELS.register
@@ -20,12 +17,7 @@ def import_callable(spec: str, option: str) -> Callable:
     """`package.module:callable` (dotted attributes allowed), imported from the current directory;
     every failure is the user's spec and becomes one line naming `option`."""
     module_name, _, attr = spec.partition(":")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        fn = importlib.import_module(module_name)
-    except Exception as exc:  # any import failure is the user's module, not ours
-        raise UserError(f"{option} {spec!r}: cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
+    fn = import_user_module(module_name, f"{option} {spec!r}:")
     for part in attr.split("."):
         fn = getattr(fn, part, None)
         if fn is None:

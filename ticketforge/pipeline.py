@@ -234,7 +234,7 @@ def build_report(job: Job, run: steps.Run, runner: Runner, classes: int, key: st
         "latency_env": latency.environment("CPUExecutionProvider", m["timing"].threads),
         "timings": {k: round(v, 3) for k, v in runner.timings.items()},
         "notes": run.notes,
-        **m["structure"],
+        **({"structure": {run.structure.name: m["structure"]}} if m["structure"] else {}),
         **({"sanity": {**run.sanity, "ticket": run.accuracy}} if run.sanity else {}),
         **run.deploy,
         "run": {"key": key, "processes": distributed.world_size(), "resumed_stages": runner.skipped,

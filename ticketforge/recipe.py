@@ -21,9 +21,18 @@ import yaml
 from ticketforge.errors import UserError
 
 
-def opt(default, help: str, *, choices=None, lo=None, hi=None, lo_open=False, hi_open=False):
-    """A schema field: default, help text and the allowed values or range."""
-    meta = {"help": help, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
+def _structure_names() -> list[str]:
+    """The registered structures: the schema's choices for convert.structure come from the registry."""
+    from ticketforge.structures import STRUCTURES
+
+    return STRUCTURES.names()
+
+
+def opt(default, help: str, *, choices=None, lo=None, hi=None, lo_open=False, hi_open=False, unset=None):
+    """A schema field: default, help text and the allowed values or range; `unset`: a value that
+    means the key is not set (a count of 0 that defers to another key)."""
+    meta = {"help": help, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
+            "unset": unset}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -35,7 +44,7 @@ class SearchConfig:
                       "only some of the keys below, and a key it does not read is an error")
     sparsity: float = opt(0.9, "fraction of prunable weights removed", lo=0.0, hi=1.0, hi_open=True)
     target_macs: float = opt(0.5, "channels / blocks: fraction of the dense MACs kept", lo=0.0, hi=1.0, lo_open=True)
-    blocks: int = opt(0, "blocks: number of residual blocks to remove (0: use target_macs)", lo=0)
+    blocks: int = opt(0, "blocks: number of residual blocks to remove (0: use target_macs)", lo=0, unset=0)
     start: str = opt("trained", "where the search starts: on the trained weights, at a rewind point "
                      "after a short re-training from a fresh init, or at a fresh init",
                      choices=["trained", "rewind", "init"])
@@ -103,9 +112,9 @@ class FinetuneConfig:
 
 @dataclass
 class ConvertConfig:
-    structure: str = opt("unstructured", "what the ticket becomes: scattered zeros, removed channels, "
-                         "N:M sparsity, removed residual blocks",
-                         choices=["unstructured", "channels", "2:4", "blocks"])
+    structure: str = opt("unstructured", "what the ticket becomes, by registry name (`ticketforge structures`): "
+                         "scattered zeros, N:M sparsity, removed channels, removed residual blocks, ...",
+                         choices=lambda: _structure_names())
     round_to: int = opt(16, "channels: keep multiples of this many channels (runtime vector width)", lo=1)
     nm_decay: str = opt("none", "2:4 fine-tune: hard mask, or pruned weights decayed to zero "
                         "(Progressive Gradient Flow)", choices=["none", "exponential"])
@@ -195,6 +204,12 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def choices_of(meta) -> list | None:
+    """A field's allowed values: a list, or a callable that returns one (a registry's names)."""
+    choices = meta.get("choices")
+    return choices() if callable(choices) else choices
+
+
 def _coerce(path: str, value: Any, tp, meta: dict) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -230,7 +245,7 @@ def _coerce(path: str, value: Any, tp, meta: dict) -> Any:
     elif tp is list:
         if not isinstance(value, list):
             value = [value]
-        choices = meta.get("choices")
+        choices = choices_of(meta)
         for item in value:
             if choices and item not in choices:
                 raise UserError(f"recipe key '{path}': {item!r} is not one of {', '.join(map(str, choices))}")
@@ -246,7 +261,7 @@ def _coerce(path: str, value: Any, tp, meta: dict) -> Any:
             raise UserError(f"recipe key '{path}': expected 3 finite numbers (R, G, B){', each > 0' if path == 'data.std' else ''}, "
                             f"got {value!r}")
         return value
-    choices = meta.get("choices")
+    choices = choices_of(meta)
     if choices and value not in choices:
         raise UserError(f"recipe key '{path}': {value!r} is not one of {', '.join(map(str, choices))}")
     lo, hi = meta.get("lo"), meta.get("hi")
@@ -293,7 +308,7 @@ def validate(data: dict) -> Recipe:
     from ticketforge import structures
     from ticketforge.search import COMMON_KEYS, METHODS, RENAMED
 
-    data = data or {}
+    data = _unalias(data or {})
     method = (data.get("search") or {}).get("method") if isinstance(data.get("search"), dict) else None
     if isinstance(method, str) and method in RENAMED:
         raise UserError(f"recipe key 'search.method': '{method}' is now called '{RENAMED[method]}'; rename it")
@@ -304,7 +319,7 @@ def validate(data: dict) -> Recipe:
     structure.check(recipe)
     # A key the chosen method and structure do not read is a mistake, not a setting: say so.
     given = data.get("search") or {}
-    used = set(COMMON_KEYS) | set(method.keys) | set(structure.search_keys(method.name))
+    used = set(COMMON_KEYS) | set(structure.method_keys(method)) | set(structure.search_keys(method))
     for key in given:
         if key not in used:
             raise UserError(f"recipe key 'search.{key}' is not used by search method '{method.name}' with "
@@ -315,13 +330,35 @@ def validate(data: dict) -> Recipe:
     if recipe.data.crop > recipe.data.resize:
         raise UserError(f"recipe keys 'data.crop' and 'data.resize': the center crop ({recipe.data.crop}) must fit in "
                         f"the resized image ({recipe.data.resize})")
-    if recipe.search.start not in method.starts:
-        raise UserError(f"recipe key 'search.start': search method '{method.name}' searches the trained weights "
-                        f"only ({', '.join(method.starts)}); got '{recipe.search.start}'")
+    starts = structure.starts(method)
+    if recipe.search.start not in starts:
+        raise UserError(f"recipe key 'search.start': search method '{method.name}' on structure '{structure.name}' "
+                        f"honours {', '.join(starts)}; got '{recipe.search.start}'")
     if recipe.gate.batch is not None and recipe.gate.batch not in recipe.validate.latency_batches:
         raise UserError(f"recipe key 'gate.batch': {recipe.gate.batch} is not timed; validate.latency_batches is "
                         f"{recipe.validate.latency_batches}")
     return recipe
+
+
+def _unalias(data: dict) -> dict:
+    """A method name of an earlier version (`cts-2to4`) is that method on its structure."""
+    from ticketforge.search import ALIASES
+
+    search = data.get("search")
+    method = search.get("method") if isinstance(search, dict) else None
+    if not isinstance(method, str) or method not in ALIASES:
+        return data
+    name, structure = ALIASES[method]
+    convert = data.get("convert") if isinstance(data.get("convert"), dict) else {}
+    if convert.get("structure", structure) != structure:
+        raise UserError(f"recipe key 'search.method': '{method}' is method '{name}' on structure '{structure}', "
+                        f"but convert.structure is '{convert['structure']}'; write search.method: {name}")
+    data = copy.deepcopy(data)
+    data["search"]["method"] = name
+    data.setdefault("convert", {})
+    if isinstance(data["convert"], dict):
+        data["convert"]["structure"] = structure
+    return data
 
 
 def with_value(recipe: Recipe, key: str, value: Any) -> Recipe:
@@ -435,7 +472,8 @@ def resolve(name_or_path: str, sets: list[str] = (), **shortcuts) -> Recipe:
             apply_override(data, paths[name], value)
             given.append(paths[name])
     if ALIASES.get(name_or_path, name_or_path) in builtin_names():
-        _drop_builtin_leftovers(data, base, given)
+        data = _unalias(data)
+        _drop_builtin_leftovers(data, _unalias(base), given)
     return validate(data)
 
 
@@ -449,7 +487,7 @@ def _drop_builtin_leftovers(data: dict, base: dict, given: list[list[str]]) -> N
     search, convert = data.get("search"), data.get("convert")
     if not isinstance(search, dict) or not isinstance(convert, dict | type(None)):
         return
-    method, structure = search.get("method"), (convert or {}).get("structure", "unstructured")
+    method, structure = search.get("method"), (convert or {}).get("structure", ConvertConfig.structure)
     if method not in METHODS or structure not in structures.STRUCTURES:
         return  # validate() names the problem
     # A budget the user gives replaces the built-in recipe's (cts-channels' target_macs 0.5 under
@@ -458,10 +496,11 @@ def _drop_builtin_leftovers(data: dict, base: dict, given: list[list[str]]) -> N
     if any(["search", k] in given for k in choosable):
         for key in [k for k in choosable if k in search and ["search", k] not in given]:
             del search[key]
-    if method == base.get("search", {}).get("method") and structure == base.get("convert", {}).get("structure",
-                                                                                                  "unstructured"):
+    if method == base.get("search", {}).get("method") and structure == base.get("convert", {}).get(
+            "structure", ConvertConfig.structure):
         return
-    used = set(COMMON_KEYS) | set(METHODS.get(method).keys) | set(structures.get(structure).search_keys(method))
+    chosen, target = METHODS.get(method), structures.get(structure)
+    used = set(COMMON_KEYS) | set(target.method_keys(chosen)) | set(target.search_keys(chosen))
     for key in [k for k in search if k not in used and ["search", k] not in given]:
         del search[key]
     for key in [k for k in (convert or {}) if k != "structure" and ["convert", k] not in given

@@ -5,18 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ticketforge import budget, gate, report_html, sanity
+from ticketforge import budget, gate, report_html, sanity, structures
 from ticketforge.latency import describe
-from ticketforge.report_schema import Report
+from ticketforge.report_schema import Report, macs_text
 
 
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
-
-
-def macs_text(value, section: dict) -> str:
-    """A MAC count, or "unknown (why)": a count that could not be made is never shown as 0."""
-    return f"{value:,}" if value is not None else f"unknown ({section.get('unknown', 'not counted')})"
 
 
 def _mb(n: int) -> str:
@@ -104,12 +99,9 @@ def to_markdown(r: Report) -> str:
     if trt:
         lines += ["", f"TensorRT `{trt['file']}` ({', '.join(trt['precisions'])}): accuracy {_pct(trt['accuracy'])}; "
                   f"layers with sparse kernels: {', '.join(trt['sparse_layers']) or 'none'}."]
-    nm = r.nm
-    if nm:
-        back = nm["onnx"]
-        lines += ["", f"2:4: {back['valid']:,} of {back['groups']:,} weight groups in {back['layers']} eligible layers of "
-                  f"`model.onnx` satisfy {nm['pattern']} ({_pct(back['fraction_valid'])}); "
-                  f"{len(nm['ineligible_layers'])} layer(s) left dense (not eligible); mask decay `{nm['decay']}`."]
+    for name, section in (r.structure or {}).items():
+        if name in structures.STRUCTURES:  # a structure this installation lacks: in report.json only
+            lines += [""] + structures.get(name).render(section)
     if r.budget:
         lines += ["", budget.markdown(r.budget)]
     lines += ["", gate.to_markdown(r.gate).rstrip()]

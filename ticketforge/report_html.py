@@ -8,7 +8,7 @@ import io
 
 from ticketforge import budget, gate
 from ticketforge.latency import describe
-from ticketforge.report_schema import Report
+from ticketforge.report_schema import Report, macs_text
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -81,12 +81,6 @@ def _latency_plot(rows: list[dict]) -> str:
     return _png(fig)
 
 
-def _macs_text(value, section: dict) -> str:
-    from ticketforge.report import macs_text  # report imports this module
-
-    return macs_text(value, section)
-
-
 def render(r: Report) -> str:
     acc, sp = r.accuracy, r.sparsity
     g = r.gate
@@ -100,7 +94,7 @@ def render(r: Report) -> str:
         ["accuracy (torch)", _pct(acc["dense"]), _pct(acc["compressed"])],
         ["accuracy (ONNX Runtime, exported)", _pct(acc.get("dense_onnx")), _pct(acc["onnx"])],
         ["non-zero parameters", f"{r.params['dense']:,}", f"{r.params['compressed']:,}"],
-        ["MACs per sample", _macs_text(r.macs['dense'], r.macs), _macs_text(r.macs['compressed'], r.macs)],
+        ["MACs per sample", macs_text(r.macs['dense'], r.macs), macs_text(r.macs['compressed'], r.macs)],
         ["model.onnx size", f"{r.size_mb['dense']:.3f} MB", f"{r.size_mb['compressed']:.3f} MB"],
         *([["gzip size (download)", f"{r.size['dense']['gzip_bytes'] / 2 ** 20:.3f} MB",
             f"{r.size['compressed']['gzip_bytes'] / 2 ** 20:.3f} MB"]] if r.size else []),

@@ -38,11 +38,15 @@ class Report:
     parity_samples: int | None = None
     size: dict | None = None         # bytes and gzip bytes, sparse storage
     latency_env: dict | None = None  # CPU, ONNX Runtime version, provider, threads
-    nm: dict | None = None           # 2:4 read back from model.onnx
+    # the structure's own section, read back from model.onnx by its verify hook, under its name
+    # (e.g. {"2:4": {...}}); rendered and gated by the structure (ticketforge.structures)
+    structure: dict | None = None
     sanity: dict | None = None       # the sanity-check variants
     quantize: dict | None = None     # model.int8.onnx / model.fp16.onnx
     tensorrt: dict | None = None     # model.engine
     budget: dict | None = None       # a latency or size target and whether it was met
+    # sections this version has no field for (a later version's): kept, and written back as they were
+    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "report") -> "Report":
@@ -54,10 +58,17 @@ class Report:
         missing = [n for n in required if n not in data]
         if missing:
             raise UserError(f"{where} is not a ticketforge report: it has no {', '.join(missing)}")
-        # Sections a later version adds are kept out of the type, not an error: old readers, new reports.
-        return cls(**{k: v for k, v in data.items() if k in fields})
+        # Sections a later version adds are not an error (old readers, new reports), nor dropped.
+        known = {k: v for k, v in data.items() if k in fields and k != "extra"}
+        return cls(**known, extra={k: v for k, v in data.items() if k not in fields})
 
     def to_dict(self) -> dict:
         """For report.json: the optional sections a run did not produce are left out."""
         out = dataclasses.asdict(self)
-        return {k: v for k, v in out.items() if v is not None}
+        extra = out.pop("extra")
+        return {**{k: v for k, v in out.items() if v is not None}, **extra}
+
+
+def macs_text(value, section: dict) -> str:
+    """A MAC count, or "unknown (why)": a count that could not be made is never shown as 0."""
+    return f"{value:,}" if value is not None else f"unknown ({section.get('unknown', 'not counted')})"

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ticketforge import distributed, finetune, hf, search, sparse_storage, ticket, validate
+from ticketforge import distributed, finetune, hf, sparse_storage, structures, ticket, validate
 from ticketforge import export as export_mod
 from ticketforge.data import DataBundle, loader
 from ticketforge.errors import VerificationError
@@ -111,7 +111,7 @@ def search_step(run: Run) -> dict | None:
     planned = _plan_budget(run)
     ctx = SearchContext(model=run.model, loaded=run.loaded, data=run.bundle, recipe=run.recipe, device=run.device,
                         seed=run.seed, ui=run.ui, workdir=run.state.subdir("search") if run.state else None)
-    found = search.run(ctx)
+    found = structures.find_ticket(ctx)
     notes = found.info.get("notes", []) + planned.pop("notes", [])
     found.info.update(planned, **({"notes": notes} if notes else {}))
     _after_search(run, found)

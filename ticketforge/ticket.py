@@ -42,7 +42,10 @@ def conversions_of(obj: dict) -> list[dict]:
     spec = obj.get("spec")
     if not spec:
         return []
-    return [{"structure": "blocks" if "removed_blocks" in spec else "channels", "spec": spec}]
+    owner = next((name for name, s in structures.STRUCTURES.items() if s.reads_spec(spec)), None)
+    if owner is None:
+        raise UserError("the ticket's spec (format 1) belongs to no known structure")
+    return [{"structure": owner, "spec": spec}]
 
 
 def rebuild(model: nn.Module, conversions: list[dict]) -> nn.Module:

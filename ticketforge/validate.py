@@ -12,6 +12,7 @@ from onnx import numpy_helper
 from torch.utils.data import Dataset
 
 from ticketforge import latency as latency_mod
+from ticketforge.adapt import inputs
 from ticketforge.data import loader
 from ticketforge.errors import VerificationError
 from ticketforge.sparse_storage import load_dense
@@ -29,17 +30,6 @@ def session(path: str | Path, provider: str = "CPUExecutionProvider") -> ort.Inf
     except Exception as exc:  # ORT raises its own pybind exception types for a model it cannot run
         raise VerificationError(f"ONNX Runtime ({provider}) cannot load {Path(path).name}: "
                                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
-
-
-def inputs(names: list[str], x) -> dict[str, np.ndarray]:
-    """ONNX Runtime's inputs for one batch as ticketforge holds it: float32 images or features,
-    int64 token ids, and a packed attention mask (N, 2, L: ids, mask; ticketforge.adapt) split into
-    the graph's second input."""
-    x = x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    x = x.astype(np.int64 if x.dtype.kind in "iub" else np.float32, copy=False)
-    if len(names) == 2:
-        return {names[0]: np.ascontiguousarray(x[:, 0]), names[1]: np.ascontiguousarray(x[:, 1])}
-    return {names[0]: x}
 
 
 def run(sess: ort.InferenceSession, x) -> np.ndarray:
@@ -120,3 +110,11 @@ def onnx_stats(path: str | Path, sample: np.ndarray | None = None, count_macs: b
     return {"weights": int(total), "zero_weights": int(zeros), "sparsity": zeros / max(total, 1),
             "params_nonzero": params, "macs": count, "macs_unknown": why,
             "size_mb": Path(path).stat().st_size / 2 ** 20}
+
+
+def fewer_weights(onnx_path, dense_onnx_path, what: str) -> None:
+    """A structure that removes weights must leave fewer in the exported file than in the dense one:
+    a run that changed nothing is never reported as a success."""
+    ours, dense = (onnx_stats(p, count_macs=False)["weights"] for p in (onnx_path, dense_onnx_path))
+    if ours >= dense:
+        raise VerificationError(f"{what} (model.onnx holds {ours:,} weights, dense.onnx {dense:,})")

@@ -1,8 +1,10 @@
-"""What a search method gets (SearchContext) and returns (SearchResult)."""
+"""What a search method gets (SearchContext) and returns (SearchResult), and what a structure asks
+a method to score (Units)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -47,3 +49,30 @@ class SearchResult:
     # How the ticket is trained next; None: the recipe's `finetune` section. A rewind start
     # retrains for the rest of the `train` schedule, IMP with rewinding has already trained it.
     schedule: Schedule | None = None
+
+
+@dataclass
+class Units:
+    """A structure's units for a method to score, one score tensor per group (higher = keep): what a
+    unit is, what keeping it costs, and how a soft keep value acts on the model. The structure
+    chooses from the scores (N of M, channel counts under a budget, blocks); the method only scores.
+
+    - `kind`: "weights", "channels" or "blocks" (a method scores the kinds in Method.units);
+    - `model`: the model the keep values act on (blocks: a copy with a gate on every block);
+    - `shapes`: group name -> shape of its score tensor;
+    - `costs`: group name -> cost of keeping one unit (broadcastable to the shape), and `kept`: the
+      cost the structure keeps; a method that learns its scores under a budget (CTS) aims at it;
+    - `density`: the kept fraction at the start (a gate's initial keep probability);
+    - `apply`: keep values per group (soft, in [0, 1]) -> the parameters to substitute in the forward;
+    - `magnitude`: the structure's own magnitude of each unit (|w|, L1 of a channel's weights), or None;
+    - `label`: what the units are, for progress lines ("2:4", "channels", "blocks")."""
+
+    kind: str
+    model: nn.Module
+    shapes: dict[str, tuple]
+    costs: dict[str, torch.Tensor]
+    kept: float
+    density: float
+    apply: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    magnitude: Callable[[], dict[str, torch.Tensor]] | None = None
+    label: str = ""

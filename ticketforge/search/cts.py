@@ -23,7 +23,7 @@ from torch.func import functional_call
 from ticketforge import device as device_mod
 from ticketforge.errors import UserError
 from ticketforge.masks import global_topk, keep_count, prunable
-from ticketforge.search.base import SearchContext, SearchResult
+from ticketforge.search.base import SearchContext, SearchResult, Units
 from ticketforge.search.start import starting_point
 
 # The paper scales each objective so its gradient is comparable to the sparsity gradient.
@@ -336,3 +336,18 @@ def cts(ctx: SearchContext) -> SearchResult:
     mask = global_topk(trained, keep)
     info.update({"method": "cts", "kept": mask.kept, "total": total, **start.info})
     return SearchResult(model=ctx.model, mask=mask, info=info, scores=trained, schedule=start.schedule)
+
+
+def score_units(ctx: SearchContext, units: Units) -> tuple[dict[str, torch.Tensor], dict]:
+    """CTS on a structure's units (N:M weights, channels, blocks): one Binary Concrete gate per unit,
+    all starting at the structure's density, trained against the dense outputs with GRADBALANCE on
+    the structure's cost budget; the trained logits are the scores."""
+    if isinstance(ctx.model, torch.jit.ScriptModule):
+        raise UserError("CTS needs an eager nn.Module (it substitutes masked weights in the forward); "
+                        "give a state_dict with --arch instead of a TorchScript archive")
+    k = min(max(units.density, 1e-6), 1 - 1e-6)
+    logits = {n: torch.full(tuple(shape), math.log(k / (1 - k))) for n, shape in units.shapes.items()}
+    trained, info = concrete_search(dataclasses.replace(ctx, model=units.model), logits, units.costs, units.kept,
+                                    units.apply, desc=f"search (CTS, {units.label or units.kind})")
+    info["method"] = "cts"
+    return trained, info

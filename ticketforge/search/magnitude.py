@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from ticketforge.errors import UserError
 from ticketforge.masks import global_topk, keep_count, prunable
-from ticketforge.search.base import SearchContext, SearchResult
+from ticketforge.search.base import SearchContext, SearchResult, Units
 from ticketforge.search.start import starting_point
 
 
@@ -47,3 +48,12 @@ def magnitude(ctx: SearchContext) -> SearchResult:
     mask = global_topk(ranked, keep_count(total, ctx.recipe.search.sparsity))
     return SearchResult(model=start.model, mask=mask, info={"method": "magnitude", "scope": scope, **start.info},
                         scores=ranked, schedule=start.schedule)
+
+
+def score_units(ctx: SearchContext, units: Units) -> tuple[dict[str, torch.Tensor], dict]:
+    """Magnitude of a structure's units, as the structure measures it (|w| for N:M, as apex ASP;
+    the L1 norm of a channel's weights, the classic filter-pruning score)."""
+    if units.magnitude is None:
+        raise UserError(f"search method 'magnitude' cannot score {units.kind}: the structure has no magnitude "
+                        "for them; use search.method cts")
+    return units.magnitude(), {"method": "magnitude"}

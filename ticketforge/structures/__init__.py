@@ -1,14 +1,16 @@
-"""The structures a ticket becomes, one descriptor each, registered by name.
+"""The structures a ticket becomes, one descriptor each, registered by name where it is defined.
 
 A structure is everything the rest of the pipeline needs to know about one target form:
-- which search methods' tickets it accepts (`methods`) and which `search` keys set its budget
-  (`budget_keys`; `sweep_key` is the one a sweep varies);
+- what it searches (`units`: "weights", "channels", "blocks"; a search method that scores such
+  units, ticketforge.search.Method.units, searches the structure directly through `search`), which
+  `search` keys set its budget (`budget_keys`; `sweep_key` is the one a sweep varies);
 - `check(recipe)`: its rules for a recipe, run by the recipe schema before any work, so a bad
   combination is exit 2 with nothing written;
 - `prepare(...)`: fit the search's mask to the structure before fine-tuning, and `mask_scale(recipe)`:
   its training hook (e.g. 2:4's mask decay);
 - `convert(...)`: turn the fine-tuned ticket into the structure (a `Converted`), `verify(...)`: check
-  the exported file really has it (a report section, or a VerificationError);
+  the exported file really has it (its report section, or a VerificationError), `render(section)`:
+  that section in report.md, `gate_checks(section)`: what the CI gate checks of it;
 - budgets users think in (ticketforge.budget): `plan_budget(...)` turns one into the structure's own
   key before the search (a size into a sparsity), `tighten(...)` removes more when the exported
   model misses it;
@@ -17,11 +19,15 @@ A structure is everything the rest of the pipeline needs to know about one targe
 
 This module and the descriptors import no torch (the recipe schema uses them); each descriptor
 imports its implementation modules (torch, torch-pruning, onnx) inside its methods.
-Adding a structure: one module with a Structure subclass, registered in STRUCTURES below (see the
-README's "Adding a structure")."""
+Adding a structure: one module in this package (or any module named by `--plugin`, or a
+`ticketforge.structures` entry point) with a Structure subclass decorated with `@register`; see
+docs/adding-a-structure.md. The registry finds the modules of this package on its first lookup."""
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import TYPE_CHECKING, Any, Callable
 
 from ticketforge.errors import UserError
@@ -45,7 +51,9 @@ class Converted:
 class Structure:
     name: str = ""
     summary: str = ""
-    methods: tuple[str, ...] = ()        # search methods whose tickets this structure takes
+    # What the structure's own search scores ("weights", "channels", "blocks"); None: it takes the
+    # method's weight ticket as it is (unstructured).
+    units: str | None = None
     budget_keys: tuple[str, ...] = ()    # `search` keys that set the budget
     tuning_keys: tuple[str, ...] = ()    # `search` keys that tune how a budget is met, without setting one
     fixed_keys: tuple[str, ...] = ()     # budget keys accepted but not free to choose (2:4's sparsity)
@@ -57,15 +65,44 @@ class Structure:
     def check(self, recipe: "Recipe") -> None:
         """Raise UserError when the recipe does not fit this structure."""
         from ticketforge import budget
+        from ticketforge.search import METHODS
 
-        if recipe.search.method not in self.methods:
-            raise UserError(f"recipe: convert.structure '{self.name}' takes tickets of the search methods "
-                            f"{', '.join(self.methods)}; got search.method '{recipe.search.method}'")
+        if not self.accepts(METHODS.get(recipe.search.method)):
+            raise UserError(f"recipe: convert.structure '{self.name}' is searched by the methods "
+                            f"{', '.join(self.methods())}; got search.method '{recipe.search.method}'")
         budget.check(recipe, self.choosable())
 
-    def search_keys(self, method: str) -> tuple[str, ...]:
+    # ------------------------------------------------------------ which methods, which keys
+    def scores_units(self, method) -> bool:
+        """The method scores this structure's units itself (ticketforge.search.Method.units)."""
+        return self.units is not None and self.units in method.units
+
+    def accepts(self, method) -> bool:
+        """Whether `method` (a ticketforge.search.Method) can search this structure."""
+        return self.scores_units(method)
+
+    def methods(self) -> list[str]:
+        from ticketforge.search import METHODS
+
+        return [name for name, m in METHODS.items() if self.accepts(m)]
+
+    def method_keys(self, method) -> tuple[str, ...]:
+        """The `search` keys `method` reads when it searches this structure."""
+        return method.unit_keys if self.scores_units(method) else method.keys
+
+    def starts(self, method) -> tuple[str, ...]:
+        """The search.start values `method` honours here: a structure's own search scores the trained
+        weights only (a rewound or fresh start would need the structure's own retraining schedule)."""
+        return ("trained",) if self.scores_units(method) else method.starts
+
+    def search_keys(self, method) -> tuple[str, ...]:
         """The `search` keys this structure reads with `method` (its budget, and how it is met)."""
         return self.budget_keys + self.tuning_keys
+
+    def search(self, ctx, method):
+        """Find the ticket (a ticketforge.search.base.SearchResult). By default the method's own
+        weight-level search; a structure with units of its own searches them (ctx.recipe names the method)."""
+        return method.load()(ctx)
 
     def choosable(self) -> tuple[str, ...]:
         """The budget keys of which a run sets exactly one."""
@@ -103,8 +140,22 @@ class Structure:
         raise NotImplementedError
 
     def verify(self, onnx_path, dense_onnx_path, converted: Converted, recipe: "Recipe") -> dict | None:
-        """Check the exported file has the structure; returns a report section (or None)."""
+        """Check the exported file has the structure; returns its report section (or None), kept in
+        report.json under `structure` -> this structure's name."""
         return None
+
+    def render(self, section: dict) -> list[str]:
+        """The report section `verify` returned, as lines of report.md."""
+        return []
+
+    def gate_checks(self, section: dict) -> list[dict]:
+        """Checks the CI gate adds for this structure's report section (ticketforge.gate.check rows):
+        what the structure promises, read back from the exported file."""
+        return []
+
+    def describe_change(self, info: dict) -> str:
+        """What `tighten` changed, in words, from the converted model's info (for the log)."""
+        return self.name
 
     def tighten(self, model, mask, recipe: "Recipe", example, keep: float, info: dict):
         """The budget step found the export over its budget: remove more from the fine-tuned `model`
@@ -116,33 +167,36 @@ class Structure:
         """Apply a ticket's spec to a freshly built model (weights loaded afterwards)."""
         return model
 
-
-def fewer_weights(onnx_path, dense_onnx_path, what: str) -> None:
-    """A structure that removes weights must leave fewer in the exported file than in the dense one:
-    a run that changed nothing is never reported as a success."""
-    from ticketforge.errors import VerificationError
-    from ticketforge.validate import onnx_stats
-
-    ours, dense = (onnx_stats(p, count_macs=False)["weights"] for p in (onnx_path, dense_onnx_path))
-    if ours >= dense:
-        raise VerificationError(f"{what} (model.onnx holds {ours:,} weights, dense.onnx {dense:,})")
+    def reads_spec(self, spec: dict) -> bool:
+        """Whether a spec of a format-1 ticket (one spec, no structure name) is this structure's."""
+        return False
 
 
-STRUCTURES: Registry[Structure] = Registry("structure")
+def _discover() -> None:
+    """Import every module of this package (each registers the structures it defines), then those of
+    installed plug-ins (entry point group `ticketforge.structures`)."""
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+    for entry in metadata.entry_points(group="ticketforge.structures"):
+        entry.load()
+
+
+STRUCTURES: Registry[Structure] = Registry("structure", discover=_discover)
 
 
 def get(name: str) -> Structure:
     return STRUCTURES.get(name, "convert.structure")
 
 
-def _register_builtins() -> None:
-    from ticketforge.structures.blocks import Blocks
-    from ticketforge.structures.channels import Channels
-    from ticketforge.structures.nm import NM
-    from ticketforge.structures.unstructured import Unstructured
-
-    for cls in (Unstructured, NM, Channels, Blocks):
-        STRUCTURES.add(cls.name, cls())
+def register(cls: type[Structure]) -> type[Structure]:
+    """Class decorator: register a Structure subclass under its `name`."""
+    STRUCTURES.add(cls.name, cls())
+    return cls
 
 
-_register_builtins()
+def find_ticket(ctx):
+    """Search the recipe's structure with the recipe's method (ctx: a SearchContext)."""
+    from ticketforge.search import METHODS
+
+    return get(ctx.recipe.convert.structure).search(ctx, METHODS.get(ctx.recipe.search.method))

@@ -2,19 +2,20 @@
 faster on dense kernels."""
 from __future__ import annotations
 
-from ticketforge.structures import Converted, Structure
+from ticketforge.structures import Converted, Structure, register
 
-# Methods that score single weights; their tickets also feed the channels structure.
 SIZE_AIM = 0.995  # a size budget's plan aims this fraction of the limit (see plan_sparsity)
-WEIGHT_METHODS = ("magnitude", "random", "snip", "grasp", "synflow", "cts", "imp")
 
 
+@register
 class Unstructured(Structure):
     name = "unstructured"
     summary = "scattered zeros (smaller when compressed, not faster on dense kernels)"
-    methods = WEIGHT_METHODS
     budget_keys = ("sparsity", "max_size_mb")
     sweep_key = "sparsity"
+
+    def accepts(self, method) -> bool:
+        return True  # every method has a weight-level search
 
     def target_sparsity(self, recipe):
         return recipe.search.sparsity

@@ -1,17 +1,18 @@
 """Removed residual blocks: each removed block computes what it computed with its residual branch
 zeroed (e.g. relu(x) for relu(x + f(x))), with every op of the branch gone. Faster everywhere.
-Finding and removing blocks is residual.py; choosing them is the search (cts-blocks)."""
+Finding and removing blocks is residual.py; choosing them is search.py."""
 from __future__ import annotations
 
 from ticketforge.budget import LATENCY_KEYS, SIZE_KEY, describe
 from ticketforge.errors import UserError
-from ticketforge.structures import Converted, Structure, fewer_weights
+from ticketforge.structures import Converted, Structure, register
 
 
+@register
 class Blocks(Structure):
     name = "blocks"
     summary = "removed residual blocks (faster everywhere)"
-    methods = ("cts-blocks",)
+    units = "blocks"
     budget_keys = ("target_macs", "blocks") + LATENCY_KEYS + (SIZE_KEY,)
     tuning_keys = ("budget_margin",)
     sweep_key = "target_macs"
@@ -19,6 +20,11 @@ class Blocks(Structure):
     def budget(self, recipe) -> str:
         s = recipe.search
         return describe(recipe) or (f"{s.blocks} blocks" if s.blocks else f"target MACs {s.target_macs:g} of dense")
+
+    def search(self, ctx, method):
+        from ticketforge.structures.blocks.search import search
+
+        return search(ctx, method)
 
     def check(self, recipe) -> None:
         super().check(recipe)
@@ -67,8 +73,16 @@ class Blocks(Structure):
         return model, mask
 
     def verify(self, onnx_path, dense_onnx_path, converted, recipe):
+        from ticketforge.validate import fewer_weights
+
         fewer_weights(onnx_path, dense_onnx_path, "blocks: no block was removed")
         return None
+
+    def describe_change(self, info: dict) -> str:
+        return "blocks removed " + ", ".join(info.get("removed_blocks", []))
+
+    def reads_spec(self, spec: dict) -> bool:
+        return "removed_blocks" in spec
 
     def rebuild(self, model, spec):
         from ticketforge.structures.blocks.residual import remove_blocks

@@ -6,23 +6,34 @@ they cost), select.py (which stay), surgery.py (masks, BatchNorm-shift folding, 
 from __future__ import annotations
 
 from ticketforge.budget import LATENCY_KEYS, SIZE_KEY, TUNING_KEYS, describe
-from ticketforge.structures import Converted, Structure, fewer_weights
-from ticketforge.structures.unstructured import WEIGHT_METHODS
+from ticketforge.structures import Converted, Structure, register
 
 
+@register
 class Channels(Structure):
     name = "channels"
     summary = "removed channels (faster on any runtime)"
-    # A weight-level ticket is turned into channels too: the channels its mask left emptiest go.
-    methods = ("cts-channels", "magnitude-channels") + WEIGHT_METHODS
+    units = "channels"
     budget_keys = ("target_macs",) + LATENCY_KEYS + (SIZE_KEY,)
     tuning_keys = TUNING_KEYS
     sweep_key = "target_macs"
     convert_keys = ("round_to",)
 
-    def search_keys(self, method: str) -> tuple[str, ...]:
+    def accepts(self, method) -> bool:
+        # A method that scores no channels gives a weight-level ticket, turned into channels: the
+        # channels its mask left emptiest go.
+        return True
+
+    def search_keys(self, method) -> tuple[str, ...]:
         # a weight-level ticket has its own sparsity, then channels meet target_macs
-        return super().search_keys(method) + (("sparsity",) if method in WEIGHT_METHODS else ())
+        return super().search_keys(method) + (() if self.scores_units(method) else ("sparsity",))
+
+    def search(self, ctx, method):
+        if not self.scores_units(method):
+            return super().search(ctx, method)
+        from ticketforge.structures.channels.search import search
+
+        return search(ctx, method)
 
     def budget(self, recipe) -> str:
         return describe(recipe) or f"target MACs {recipe.search.target_macs:g} of dense"
@@ -97,8 +108,16 @@ class Channels(Structure):
         return model, mask
 
     def verify(self, onnx_path, dense_onnx_path, converted, recipe):
+        from ticketforge.validate import fewer_weights
+
         fewer_weights(onnx_path, dense_onnx_path, "channels: no channel was removed")
         return None
+
+    def describe_change(self, info: dict) -> str:
+        return "channels kept " + ", ".join(f"{k} {v}" for k, v in info.get("kept_channels", {}).items())
+
+    def reads_spec(self, spec: dict) -> bool:
+        return "modules" in spec and "shapes" in spec  # channels/spec.py's arch_spec
 
     def rebuild(self, model, spec_data):
         from ticketforge.structures.channels.spec import apply_spec

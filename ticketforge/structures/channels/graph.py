@@ -18,39 +18,13 @@ from torch import nn
 from ticketforge.errors import UserError
 from ticketforge.macs import CONV_LINEAR, layer_macs
 from ticketforge.structures.channels import heads
+from ticketforge.structures.channels.group import ChannelGroup, Member
 
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
 # Op nodes whose index mapping may not survive removing a channel (views into heads, splits):
 # a group through one of them is tried on a copy before it is offered to the search.
 RESHAPING_OPS = (tp.ops._ReshapeOp, tp.ops._SplitOp, tp.ops._UnbindOp, tp.ops._SliceOp, tp.ops._ExpandOp,
                  tp.ops._CustomizedOp)
-
-
-@dataclass
-class Member:
-    module: str        # module name in the model (a parameter's name for kind "param")
-    kind: str          # "out": a Conv/Linear producing the channels (depthwise too), "in": one reading them,
-                       # "norm", "param": a per-unit table (its last dimension; ticketforge.structures.channels.heads)
-    idx: list[int]     # indices along the pruned dimension of this module
-    root: list[int]    # the group unit each index belongs to
-
-
-@dataclass
-class ChannelGroup:
-    root: str          # the Conv/Linear the group was found from (for heads: the attention module)
-    size: int          # units in the group: channels, or attention heads
-    members: list[Member]
-    unit: int = 1      # channels per unit (a head's width)
-    gate: tuple[str, ...] = ()  # modules whose rows a CTS gate scales (default: the norms, else the producers)
-    kind: str = "channels"      # or "heads"
-
-    def of(self, kind: str) -> list[Member]:
-        return [m for m in self.members if m.kind == kind]
-
-    def gated(self) -> list[Member]:
-        if self.gate:
-            return [m for m in self.members if m.module in self.gate]
-        return self.of("norm") or self.of("out")
 
 
 @dataclass

@@ -19,6 +19,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ticketforge.structures.channels.group import ChannelGroup, Member
+
 PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q_lin", "k_lin", "v_lin"))
 HEAD_COUNT = ("num_attention_heads", "n_heads", "num_heads")
 HEAD_WIDTH = ("all_head_size",)
@@ -42,8 +44,6 @@ def attention_layers(model: nn.Module, min_heads: int = 2) -> list[tuple[str, in
 
 def groups(model: nn.Module, dg: tp.DependencyGraph, names: dict) -> tuple[list, list[str], set[str]]:
     """(head groups, why some attention layers were left whole, the projections they cover)."""
-    from ticketforge.structures.channels.graph import ChannelGroup, Member
-
     mods = dict(model.named_modules())
     out, skipped, covered = [], [], set()
     for attn, heads, (q, k, v) in attention_layers(model):

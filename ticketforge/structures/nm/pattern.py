@@ -1,10 +1,11 @@
-"""2:4 (N:M) sparsity for NVIDIA sparse tensor cores: which layers qualify, masks from any
-per-weight scores, the pattern check, and the read-back from an exported ONNX file.
+"""N:M sparsity (2:4 for NVIDIA sparse tensor cores, 4:8, ...): which layers qualify, masks from any
+per-weight scores, the pattern check, and the read-back from an exported ONNX file. Every function
+takes the pattern (`Pattern`, 2:4 unless told).
 
-The pattern runs along the reduction dimension: a Linear weight (out, in) in groups of 4 along
-in; a Conv weight (K, C, R, S) in groups of 4 along C for each (k, r, s). A layer qualifies by
-apex ASP's rule, K % 8 == 0 and C % 16 == 0, with C the input channels per group (so a depthwise
-conv, C = 1, never does)."""
+The pattern runs along the reduction dimension: a Linear weight (out, in) in groups of M along
+in; a Conv weight (K, C, R, S) in groups of M along C for each (k, r, s). A layer qualifies by
+apex ASP's rule for 2:4, K % 8 == 0 and C % 16 == 0, with C the input channels per group (so a
+depthwise conv, C = 1, never does); a wider pattern also needs C to be a multiple of its M."""
 from __future__ import annotations
 
 import math
@@ -19,25 +20,27 @@ from torch import nn
 from ticketforge.errors import VerificationError
 from ticketforge.masks import Mask, prunable
 from ticketforge.sparse_storage import load_dense
+from ticketforge.structures.nm.layout import TWO_FOUR, Pattern
 
-N, M = 2, 4
+N, M = TWO_FOUR.n, TWO_FOUR.m
 
 
-def ineligible_reason(shape: tuple[int, ...]) -> str | None:
+def ineligible_reason(shape: tuple[int, ...], pat: Pattern = TWO_FOUR) -> str | None:
     """None when a weight of this shape (out, in, *kernel) qualifies, else why not."""
     if len(shape) < 2:
         return "not a matrix"
     k, c = shape[0], shape[1]
-    why = ([f"out {k} is not a multiple of 8"] if k % 8 else []) + \
-          ([f"in {c} (per group) is not a multiple of 16"] if c % 16 else [])
+    cin = max(pat.in_multiple, pat.m)
+    why = ([f"out {k} is not a multiple of {pat.out_multiple}"] if k % pat.out_multiple else []) + \
+          ([f"in {c} (per group) is not a multiple of {cin}"] if c % cin else [])
     return "; ".join(why) or None
 
 
-def split_layers(model: nn.Module) -> tuple[list[str], dict[str, str]]:
+def split_layers(model: nn.Module, pat: Pattern = TWO_FOUR) -> tuple[list[str], dict[str, str]]:
     """(eligible weight names, {ineligible weight name: reason}) over the prunable weights."""
     eligible, ineligible = [], {}
     for name, w in prunable(model).items():
-        reason = ineligible_reason(tuple(w.shape))
+        reason = ineligible_reason(tuple(w.shape), pat)
         if reason is None:
             eligible.append(name)
         else:
@@ -45,46 +48,46 @@ def split_layers(model: nn.Module) -> tuple[list[str], dict[str, str]]:
     return eligible, ineligible
 
 
-def _groups(t: torch.Tensor) -> torch.Tensor:
-    """(-1, 4) view of a weight's groups along the reduction dimension (dim 1)."""
-    return t.movedim(1, -1).reshape(-1, M)
+def _groups(t: torch.Tensor, pat: Pattern = TWO_FOUR) -> torch.Tensor:
+    """(-1, M) view of a weight's groups along the reduction dimension (dim 1)."""
+    return t.movedim(1, -1).reshape(-1, pat.m)
 
 
-def nm_mask(scores: torch.Tensor) -> torch.Tensor:
+def nm_mask(scores: torch.Tensor, pat: Pattern = TWO_FOUR) -> torch.Tensor:
     """Keep the N highest scores in every group of M along dim 1 (ties: the earlier position)."""
-    g = _groups(scores.detach().float().cpu())
+    g = _groups(scores.detach().float().cpu(), pat)
     keep = torch.zeros_like(g, dtype=torch.bool)
-    keep.scatter_(1, torch.topk(g, N, dim=1, sorted=False).indices, True)
+    keep.scatter_(1, torch.topk(g, pat.n, dim=1, sorted=False).indices, True)
     moved = scores.movedim(1, -1).shape
     return keep.reshape(moved).movedim(-1, 1).contiguous()
 
 
-def nm_masks(model: nn.Module, scores: dict[str, torch.Tensor]) -> Mask:
-    """2:4 on every eligible layer from `scores` (higher = keep); ineligible layers stay dense."""
-    eligible, _ = split_layers(model)
+def nm_masks(model: nn.Module, scores: dict[str, torch.Tensor], pat: Pattern = TWO_FOUR) -> Mask:
+    """N:M on every eligible layer from `scores` (higher = keep); ineligible layers stay dense."""
+    eligible, _ = split_layers(model, pat)
     mask = Mask.ones_like(model)
     for name in eligible:
-        mask[name] = nm_mask(scores[name])
+        mask[name] = nm_mask(scores[name], pat)
     return mask
 
 
-def bad_groups(w: torch.Tensor) -> int:
+def bad_groups(w: torch.Tensor, pat: Pattern = TWO_FOUR) -> int:
     """Groups of M along the reduction dimension with more than N non-zeros."""
-    return int(((_groups(w.detach()) != 0).sum(1) > N).sum())
+    return int(((_groups(w.detach(), pat) != 0).sum(1) > pat.n).sum())
 
 
-def summary(model: nn.Module) -> dict:
-    """The 2:4 state of a torch model: eligible and ineligible layers, groups, violations."""
-    eligible, ineligible = split_layers(model)
+def summary(model: nn.Module, pat: Pattern = TWO_FOUR) -> dict:
+    """The N:M state of a torch model: eligible and ineligible layers, groups, violations."""
+    eligible, ineligible = split_layers(model, pat)
     weights = prunable(model)
-    groups = sum(weights[n].numel() // M for n in eligible)
+    groups = sum(weights[n].numel() // pat.m for n in eligible)
     total = sum(w.numel() for w in weights.values())
     eligible_weights = sum(weights[n].numel() for n in eligible)
     return {"eligible": eligible, "ineligible": ineligible, "groups": groups,
-            "bad_groups": sum(bad_groups(weights[n]) for n in eligible),
+            "bad_groups": sum(bad_groups(weights[n], pat) for n in eligible),
             "eligible_weights": eligible_weights, "prunable_weights": total,
-            # what 2:4 removes, as a fraction of all prunable weights (0.5 only if every layer qualifies)
-            "sparsity": (1 - N / M) * eligible_weights / max(total, 1)}
+            # what N:M removes, as a fraction of all prunable weights (1 - N/M only if every layer qualifies)
+            "sparsity": (1 - pat.n / pat.m) * eligible_weights / max(total, 1)}
 
 
 # ---------------------------------------------------------------- read-back from ONNX
@@ -128,16 +131,16 @@ def onnx_weights(path: str | Path) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def onnx_groups(path: str | Path) -> dict:
-    """How many weight groups of eligible layers in an ONNX file satisfy 2:4."""
+def onnx_groups(path: str | Path, pat: Pattern = TWO_FOUR) -> dict:
+    """How many weight groups of eligible layers in an ONNX file satisfy the pattern."""
     groups = bad = layers = 0
     for _, w in onnx_weights(path):
-        if ineligible_reason(w.shape) is not None:
+        if ineligible_reason(w.shape, pat) is not None:
             continue
-        g = np.moveaxis(w, 1, -1).reshape(-1, M)
+        g = np.moveaxis(w, 1, -1).reshape(-1, pat.m)
         layers += 1
         groups += len(g)
-        bad += int(((g != 0).sum(1) > N).sum())
+        bad += int(((g != 0).sum(1) > pat.n).sum())
     return {"layers": layers, "groups": groups, "valid": groups - bad, "bad": bad,
             "fraction_valid": (groups - bad) / groups if groups else 0.0}
 
@@ -154,12 +157,12 @@ def pgf_scale(progress: float) -> float:
     return (math.exp(-PGF_RATE * p) - math.exp(-PGF_RATE)) / (1 - math.exp(-PGF_RATE))
 
 
-def read_back(onnx_path: str | Path, converted: dict, decay: str) -> dict:
-    """The report's `nm` section: the converter's view of the torch model next to what the
-    exported file holds. The export must keep every eligible group 2:4."""
-    back = onnx_groups(onnx_path)
+def read_back(onnx_path: str | Path, converted: dict, decay: str, pat: Pattern = TWO_FOUR) -> dict:
+    """The report's section for the pattern: the converter's view of the torch model next to what
+    the exported file holds. The export must keep every eligible group N:M."""
+    back = onnx_groups(onnx_path, pat)
     if back["bad"] or not back["groups"]:
         raise VerificationError(f"{Path(onnx_path).name}: {back['bad']} of {back['groups']} weight groups in "
-                                "eligible layers are not 2:4")
-    return {"pattern": f"{N}:{M}", "decay": decay, "eligible_layers": converted["eligible"],
+                                f"eligible layers are not {pat}")
+    return {"pattern": str(pat), "decay": decay, "eligible_layers": converted["eligible"],
             "ineligible_layers": converted["ineligible"], "onnx": back}

@@ -1,22 +1,21 @@
-"""Channel-level search: one choice per group of coupled channels, under a budget of MACs kept
-(`search.target_macs`), with kept counts rounded to `convert.round_to` (ticketforge.structures.channels).
+"""Channel-level search: one score per channel of each group of coupled channels, under a budget of
+MACs kept (`search.target_macs`, or a speed, latency or size budget through cost.py), with kept
+counts rounded to `convert.round_to`.
 
-cts-channels: CTS with one Binary Concrete gate per channel of each group. A gate scales the
-channel after its normalisation (BatchNorm's affine, or the producer's weight and bias when the
-group has no norm): before a BatchNorm that normalises by batch statistics a gate would be divided
-out again. Each gate costs the MACs one channel of its group adds at the uniform solution, and
-the budget is the tangent plane of the exact (bilinear) MAC count there, so GRADBALANCE steers
-towards target_macs x dense.
-magnitude-channels: the L1 norm of each channel's producer weights (the classic filter-pruning
-baseline), with the removed channels' BatchNorm shift folded into their consumers."""
+- CTS: one Binary Concrete gate per channel of each group. A gate scales the channel after its
+  normalisation (BatchNorm's affine, or the producer's weight and bias when the group has no norm):
+  before a BatchNorm that normalises by batch statistics a gate would be divided out again. Each
+  gate costs the MACs one channel of its group adds at the uniform solution, and the budget is the
+  tangent plane of the exact (bilinear) MAC count there, so GRADBALANCE steers towards
+  target_macs x dense.
+- magnitude: the L1 norm of each channel's producer weights (the classic filter-pruning baseline),
+  with the removed channels' BatchNorm shift folded into their consumers."""
 from __future__ import annotations
 
-import math
 
 import torch
 
-from ticketforge.search.base import SearchContext, SearchResult
-from ticketforge.search.cts import concrete_search
+from ticketforge.search.base import SearchContext, SearchResult, Units
 from ticketforge.structures.channels import cost as channel_cost
 from ticketforge.structures.channels.graph import discover
 from ticketforge.structures.channels.select import l1_scores
@@ -28,9 +27,8 @@ def _gate_targets(model, plan) -> list[list[tuple[str, torch.Tensor, torch.Tenso
     params = dict(model.named_parameters())
     out = []
     for g in plan.groups:
-        members = g.gated()
         targets = []
-        for m in members:
+        for m in g.gated():
             for p in ("weight", "bias"):
                 name = f"{m.module}.{p}"
                 if name in params:
@@ -39,7 +37,7 @@ def _gate_targets(model, plan) -> list[list[tuple[str, torch.Tensor, torch.Tenso
     return out
 
 
-def cts_channels(ctx: SearchContext) -> SearchResult:
+def search(ctx: SearchContext, method) -> SearchResult:
     model = ctx.model
     example = ctx.example(8)
     plan = discover(model, example)
@@ -50,13 +48,9 @@ def cts_channels(ctx: SearchContext) -> SearchResult:
     per_channel = plan.marginal_costs(uniform, cost)
     scale = cost.dense  # costs in units of the dense model's cost keep GRADBALANCE's numbers O(1)
     names = [f"group{i}" for i in range(len(plan.groups))]
-    logits = {n: torch.full((g.size,), math.log(frac / (1 - frac))) for n, g in zip(names, plan.groups)}
-    costs = {n: torch.full((g.size,), c / scale) for n, g, c in zip(names, plan.groups, per_channel)}
-    kept_cost = sum(c * k for c, k in zip(per_channel, uniform)) / scale
     params = dict(model.named_parameters())
-    targets = _gate_targets(model, plan)
-    device = ctx.device
-    targets = [[(p, idx.to(device), root.to(device)) for p, idx, root in t] for t in targets]
+    targets = [[(p, idx.to(ctx.device), root.to(ctx.device)) for p, idx, root in t]
+               for t in _gate_targets(model, plan)]
 
     def overrides(soft):
         out = {}
@@ -68,14 +62,22 @@ def cts_channels(ctx: SearchContext) -> SearchResult:
                 out[pname] = w * full.to(w.dtype).view(-1, *[1] * (w.dim() - 1))
         return out
 
-    trained, info = concrete_search(ctx, logits, costs, kept_cost, overrides, desc="search (CTS, channels)")
-    scores = [torch.sigmoid(trained[n]).cpu() for n in names]
+    units = Units(kind="channels", model=model, shapes={n: (g.size,) for n, g in zip(names, plan.groups)},
+                  costs={n: torch.full((g.size,), c / scale) for n, g, c in zip(names, plan.groups, per_channel)},
+                  kept=sum(c * k for c, k in zip(per_channel, uniform)) / scale, density=frac, apply=overrides,
+                  magnitude=lambda: dict(zip(names, l1_scores(model, plan))), label="channels")
+    found, info = method.score(ctx, units)
+    scores = [(torch.sigmoid(found[n]) if method.gates else found[n]).cpu() for n in names]
     keep, sel = channel_cost.select_for(model, plan, scores, target, cost, ctx.recipe, example, ctx.ui.log)
+    if not method.gates:
+        # a gate at 0 removed its channel's shift during the search; a score that never saw the
+        # channel go has it folded into the consumers instead
+        sel["fold_spread"] = fold_shifts(model, plan, keep, example)
     mask = channel_mask(model, plan, keep)
     info.update(sel)
     info.update(cost_info)
     info.update(channel_cost.describe_kept(cost, [len(k) for k in keep]))
-    info.update({"method": "cts-channels", "kept_budget_units": f"fraction of dense {cost.name} (linearised)"})
+    info["kept_budget_units"] = f"fraction of dense {cost.name}" + (" (linearised)" if method.gates else "")
     _log_kept(ctx, info)
     return SearchResult(model=model, mask=mask, info=info)
 
@@ -86,20 +88,3 @@ def _log_kept(ctx: SearchContext, sel: dict) -> None:
              else "")
     ctx.ui.log(f"search: kept {sel['macs_kept']:.3f} of the dense MACs over {sel['groups']} channel groups "
                f"(counts rounded to multiples of {sel['round_to']}){extra}")
-
-
-def magnitude_channels(ctx: SearchContext) -> SearchResult:
-    model = ctx.model
-    example = ctx.example(8)
-    plan = discover(model, example)
-    cost, target, cost_info = channel_cost.for_recipe(model, plan, ctx.recipe, example, ctx.ui.log)
-    keep, sel = channel_cost.select_for(model, plan, l1_scores(model, plan), target, cost, ctx.recipe, example,
-                                        ctx.ui.log)
-    spread = fold_shifts(model, plan, keep, example)
-    mask = channel_mask(model, plan, keep)
-    sel.update(cost_info)
-    sel.update(channel_cost.describe_kept(cost, [len(k) for k in keep]))
-    sel.update({"method": "magnitude-channels", "scores": "L1 per channel, normalised per group",
-                "fold_spread": spread})
-    _log_kept(ctx, sel)
-    return SearchResult(model=model, mask=mask, info=sel)

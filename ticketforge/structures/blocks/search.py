@@ -1,9 +1,10 @@
-"""cts-blocks: which residual blocks to remove (layer pruning, "When Layers Play the Lottery").
+"""Which residual blocks to remove (layer pruning, "When Layers Play the Lottery"), scored by the
+search method (CTS: ticketforge.search.cts.score_units).
 
-One Binary Concrete gate per block scales its residual branch, x + g f(x); the weights are frozen
-and the gates are trained with the CTS objective (the network's outputs stay close to the dense
-network's) and GRADBALANCE on a MAC budget, cost = the block's MACs (search/cts.py). The trained
-gate logit is the block's score: the paper aggregates a data-driven score per block and leaves the
+With CTS, one Binary Concrete gate per block scales its residual branch, x + g f(x) (the units'
+`apply`); the weights are frozen and the gates are trained with the CTS objective (the network's
+outputs stay close to the dense network's) and GRADBALANCE on a MAC budget, cost = the block's MACs.
+The trained gate logit is the block's score: the paper aggregates a data-driven score per block and leaves the
 aggregation open; a gate over the whole block measures directly what the network loses without
 that block, together with the other blocks' gates, instead of summing per-weight saliencies that
 say nothing about the block as a unit. Blocks are removed lowest score first until the budget
@@ -12,21 +13,18 @@ at least one block always goes. Finding and removing blocks is ticketforge.struc
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
 
 import torch
 
 from ticketforge import budget
 from ticketforge.errors import UserError
 from ticketforge.macs import layer_macs
-from ticketforge.search.base import SearchContext, SearchResult
-from ticketforge.search.cts import concrete_search
+from ticketforge.search.base import SearchContext, SearchResult, Units
 from ticketforge.structures.blocks.cost import block_costs
 from ticketforge.structures.blocks.residual import choose, gate_name, install_gates, removable_blocks, remove_blocks
 
 
-def cts_blocks(ctx: SearchContext) -> SearchResult:
+def search(ctx: SearchContext, method) -> SearchResult:
     cfg = ctx.recipe.search
     example = ctx.example(2)
     names = removable_blocks(ctx.model, example)
@@ -55,17 +53,17 @@ def cts_blocks(ctx: SearchContext) -> SearchResult:
         costs = {keys[n]: torch.tensor(float(block_cost[n] / total)) for n in names}
         kept_cost = max(0.0, target - (1 - sum(block_cost.values()) / total))
     density = min(max(kept_cost / float(sum(c for c in costs.values())), 0.05), 0.95)
-    logits = {k: torch.full((), math.log(density / (1 - density))) for k in costs}
-    trained, info = concrete_search(dataclasses.replace(ctx, model=gated), logits, costs,
-                                    max(kept_cost, 1.0) if cfg.blocks else max(kept_cost, 1e-3),
-                                    overrides=lambda soft: soft, desc="search (block gates)")
+    units = Units(kind="blocks", model=gated, shapes={k: () for k in costs}, costs=costs,
+                  kept=max(kept_cost, 1.0) if cfg.blocks else max(kept_cost, 1e-3), density=density,
+                  apply=lambda soft: soft, label="blocks")
+    trained, info = method.score(ctx, units)
     scores = {n: float(trained[keys[n]]) for n in names}
 
     chosen = choose(scores, block_cost, total, cfg.blocks, target)
     model = remove_blocks(ctx.model, chosen, example=example)
     kept = counted.total - sum(macs[n] for n in chosen)
     kept_cost = total - sum(block_cost[n] for n in chosen)
-    info.update({"method": "cts-blocks", "candidates": names, "removed": chosen,
+    info.update({"candidates": names, "removed": chosen,
                  "scores": scores, "block_macs": macs, "macs_kept_fraction": kept / counted.total,
                  "block_costs": block_cost, "cost_total": total, "cost_kept": kept_cost / total, **cost_info,
                  "budget": f"{cfg.blocks} blocks" if cfg.blocks else
