@@ -26,7 +26,7 @@ import torch
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from ticketforge import cli, export as export_stage, finetune, recipe as recipes, report as report_stage, search
+from ticketforge import cli, export as export_stage, finetune, recipe as recipes, report as report_stage, search, structures
 from ticketforge.errors import UserError
 from ticketforge.models import digits_resnet
 
@@ -422,16 +422,16 @@ def test_existing_output_is_never_overwritten_without_force():
 
 
 def test_second_run_on_the_same_output_refuses_while_the_first_runs(monkeypatch):
-    real_run, second = search.run, {}
+    real_run, second = structures.find_ticket, {}
 
     def run_and_start_another(ctx):
         # In the middle of the first run, a second one (even with --force) on the same folder.
         second["result"] = compress(*MODEL, "--force")
         return real_run(ctx)
 
-    monkeypatch.setattr(search, "run", run_and_start_another)
+    monkeypatch.setattr(structures, "find_ticket", run_and_start_another)
     first = compress(*MODEL)
-    monkeypatch.setattr(search, "run", real_run)
+    monkeypatch.setattr(structures, "find_ticket", real_run)
     r2 = second["result"]
     assert r2.exit_code == 2 and "another ticketforge run is writing this output folder" in r2.stderr
     assert "Traceback" not in r2.output

@@ -150,7 +150,8 @@ def test_too_many_blocks_and_mismatched_structure_are_user_errors(tmp_path):
         compress(Job(model_path=saved(arch, tmp_path / "m.pt"), recipe=recipe, data=small_digits(tmp_path / "d.npz"),
                      arch=arch, arch_kwargs=TINY[arch], out=tmp_path / "out", ui=UI(quiet=True)))
     assert not (tmp_path / "out").exists()
-    with pytest.raises(UserError, match="'unstructured' takes tickets of .*got search.method 'cts-blocks'"):
-        recipe_mod.resolve("layers", ["convert.structure=unstructured"])
-    with pytest.raises(UserError, match="'blocks' takes tickets of the search methods cts-blocks"):
+    # method and structure are chosen apart: the recipe's CTS on another structure, its block budget gone
+    other = recipe_mod.resolve("layers", ["convert.structure=unstructured"])
+    assert (other.search.method, other.convert.structure) == ("cts", "unstructured")
+    with pytest.raises(UserError, match="'blocks' is searched by the methods cts; got search.method 'magnitude'"):
         recipe_mod.resolve("magnitude", ["convert.structure=blocks"])

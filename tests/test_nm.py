@@ -134,11 +134,12 @@ def test_pgf_gradient_reaches_pruned_weights_scaled():
 
 
 def test_recipe_rules():
-    with pytest.raises(UserError, match="got search.method 'cts-2to4'"):
-        recipe_mod.resolve("cts-2to4", ["convert.structure=unstructured"])
-    # 2:4 stays a string, not YAML 1.1's base-60 124
-    with pytest.raises(UserError, match="'2:4' takes tickets of the search methods magnitude-2to4, cts-2to4"):
-        recipe_mod.resolve("magnitude", ["convert.structure=2:4"])
+    # method and structure are chosen apart: the cts-2to4 recipe's CTS on unstructured weights
+    assert recipe_mod.resolve("cts-2to4", ["convert.structure=unstructured"]).convert.structure == "unstructured"
+    with pytest.raises(UserError, match="'2:4' is searched by the methods cts, magnitude; got search.method 'snip'"):
+        recipe_mod.resolve("magnitude-2to4", ["search.method=snip"])
+    # 2:4 stays a string, not YAML 1.1's base-60 124; the magnitude recipe's sparsity 0.9 is not 2:4's
+    assert recipe_mod.resolve("magnitude", ["convert.structure=2:4"], sparsity=0.5).convert.structure == "2:4"
     with pytest.raises(UserError, match="must be 0.5"):
         recipe_mod.resolve("magnitude-2to4", sparsity=0.9)
 
@@ -158,8 +159,8 @@ def test_cts_2to4_end_to_end(arch, tmp_path):
     report, out = _run(tmp_path, arch, "cts-2to4")
     back = nm.onnx_groups(out / "model.onnx")
     assert back["groups"] > 0 and back["bad"] == 0
-    assert json.loads((out / "report.json").read_text())["nm"]["onnx"] == back
-    section = report["nm"]
+    assert json.loads((out / "report.json").read_text())["structure"]["2:4"]["onnx"] == back
+    section = report["structure"]["2:4"]
     assert section["eligible_layers"] and section["ineligible_layers"]  # every tiny model has a small head
     # ineligible layers stay dense: no zeros beyond what training leaves by chance
     ticket = torch.load(out / "ticket.pt", weights_only=True)
@@ -176,5 +177,6 @@ def test_cts_2to4_end_to_end(arch, tmp_path):
 
 def test_magnitude_2to4_with_pgf_end_to_end(tmp_path):
     report, out = _run(tmp_path, "digits-resnet", "magnitude-2to4", ["convert.nm_decay=exponential"])
-    assert report["nm"]["decay"] == "exponential"
-    assert report["nm"]["onnx"]["bad"] == 0 and report["nm"]["onnx"]["fraction_valid"] == 1.0
+    section = report["structure"]["2:4"]
+    assert section["decay"] == "exponential"
+    assert section["onnx"]["bad"] == 0 and section["onnx"]["fraction_valid"] == 1.0
