@@ -18,7 +18,7 @@ A structure is everything the rest of the pipeline needs to know about one targe
 This module and the descriptors import no torch (the recipe schema uses them); each descriptor
 imports its implementation modules (torch, torch-pruning, onnx) inside its methods.
 Adding a structure: one module with a Structure subclass, registered in STRUCTURES below (see the
-README's "Adding a structure")."""
+docs/adding-a-structure.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
