@@ -21,7 +21,7 @@ For each method and seed the (speed-up, accuracy) points are interpolated linear
 3x; a speed-up outside a method's measured range is not extrapolated ("-").
 
     python bench/budgets.py                          # the grid (results/budgets.csv, resumable)
-    python bench/budgets.py --table                  # the README table and plot from the CSV
+    python bench/budgets.py --table                  # the docs/benchmarks.md table and plot from the CSV
 """
 from __future__ import annotations
 
@@ -241,7 +241,7 @@ def main():
     p.add_argument("--search-epochs", type=float, default=3, help="CTS search epochs (both cts rows)")
     p.add_argument("--pairs", type=int, default=60)
     p.add_argument("--out", type=Path, default=OUT / "budgets.csv")
-    p.add_argument("--table", action="store_true", help="print the README table of --out and redraw its plot")
+    p.add_argument("--table", action="store_true", help="print the docs/benchmarks.md table of --out and redraw its plot")
     args = p.parse_args()
     torch.set_num_threads(1)  # a shared 2-core machine: more threads thrash
     if not args.table:

@@ -3,11 +3,11 @@ Adam lr 0.1, temperature 2/3, no step floor), on the benchmark model (bench/cts_
 CNN, trained 8 epochs). Per seed and sparsity the two searches run back to back in one process, so
 they see the same machine state; each ticket is then fine-tuned 3 epochs and scored on the test split.
 
-    python bench/cts_search_time.py                     # 5 seeds x 90/95/98/99% (see README)
+    python bench/cts_search_time.py                     # 5 seeds x 90/95/98/99% (see docs/benchmarks.md)
     python bench/cts_search_time.py --seeds 0 --sparsities 0.95
 
 Rows go to bench/results/cts_search_time.csv, the plot to bench/results/cts_search_time.png, and the
-README's table is printed.
+table in docs/benchmarks.md is printed.
 """
 import argparse
 import copy

@@ -1,7 +1,7 @@
 """CTS against lottery-ticket rewinding (LTR), learning-rate rewinding (LRR) and one-shot baselines,
 on data where accuracy is not saturated (MNIST-1D) and on digits for continuity.
 
-    python bench/cts_vs_ltr.py                                   # the whole grid (see README)
+    python bench/cts_vs_ltr.py                                   # the whole grid (see docs/benchmarks.md)
     python bench/cts_vs_ltr.py --data mnist1d --seeds 0 --methods cts ltr
 
 Per data set and seed: a dense model is trained with the `train` schedule (SGD, cosine, lr 0.1).

@@ -1,7 +1,7 @@
 """Magnitude pruning's scope: LAMP scores against raw global |w|, after a short and a longer fine-tune.
 
-    python bench/magnitude_scope.py                       # the grid (see README)
-    python bench/magnitude_scope.py --table               # README table and plot from the CSV
+    python bench/magnitude_scope.py                       # the grid (see docs/benchmarks.md)
+    python bench/magnitude_scope.py --table               # docs/benchmarks.md table and plot from the CSV
 
 Per data set and seed a dense model is trained (bench/cts_vs_ltr.py's models and `train` schedule:
 MNIST-1D's 1-D CNN, digits' small residual CNN). Then, per target sparsity and scope, the built-in

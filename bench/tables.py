@@ -1,4 +1,4 @@
-"""What the benchmarks' README tables have in common."""
+"""What the benchmarks' tables in docs/benchmarks.md have in common."""
 from __future__ import annotations
 
 import statistics

@@ -21,7 +21,7 @@ difference| torch vs ONNX) and seconds per step.
 
     python bench/zoo.py                                   # the three default-config models
     python bench/zoo.py --models resnet50 --recipes cts-channels
-writes bench/results/zoo.csv, zoo.json, zoo.md (the README's table) and zoo.png.
+writes bench/results/zoo.csv, zoo.json, zoo.md (the table in docs/benchmarks.md) and zoo.png.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Post-training quantization of the exported model for CPU and edge runtimes: INT8 (static,
 calibrated on training batches, QDQ format, which is also what TensorRT takes for INT8) and FP16.
 
-The INT8 defaults are the fastest variant measured on our CPUs (bench/quantize_int8.py, README
-"Quantization"): the graph is pre-processed (shape inference and ORT's fusions folded into the
+The INT8 defaults are the fastest variant measured on our CPUs (bench/quantize_int8.py, docs/benchmarks.md
+"INT8 variants"): the graph is pre-processed (shape inference and ORT's fusions folded into the
 file) so that Conv+Relu pairs quantize as one unit and no extra Quantize/Dequantize pairs sit
 between them; weights are quantized per output channel, which keeps accuracy at 8 bits without
 needing wider activations."""

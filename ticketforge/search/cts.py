@@ -41,7 +41,7 @@ def concrete_sample(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     the temperature neither sharpens the gate nor leaves its probability alone. The balance below
     counts sum sigmoid(a), the gate's value at zero noise; the authors count sum sigmoid(alpha) =
     sum sigmoid(a t), the probability that a gate is on (we keep sigmoid(a): measured, it is what
-    our recipes were tuned with, and on MNIST-1D the authors' count searched worse: README, "How long
+    our recipes were tuned with, and on MNIST-1D the authors' count searched worse: docs/benchmarks.md, "How long
     CTS searches"; the final global top-k makes the count exact either way)."""
     u = torch.rand_like(logits).clamp_(1e-10, 1 - 1e-10)
     return torch.sigmoid(logits + (torch.log(u) - torch.log1p(-u)) / temperature)
