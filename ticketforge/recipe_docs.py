@@ -76,7 +76,7 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def _allowed(meta: dict, tp) -> str:
-    choices = meta.get("choices")
+    choices = _recipe.choices_of(meta)
     if choices:
         inner, _ = _unwrap_optional(tp)
         each = "each one of " if inner in (list, tuple) or typing.get_origin(inner) in (list, tuple) else "one of "
@@ -179,20 +179,22 @@ def _methods() -> list[str]:
     out = ["## Search methods", "",
            "`search.method`, from the registry in `ticketforge/search/__init__.py`. Every method reads "
            + _keys(common) + "; the table lists the other `search` keys each reads (the structure's budget "
-           "keys come on top). A key the method and structure do not read is an error.", "",
-           "| method | summary | search keys | starts |", "|---|---|---|---|"]
+           "keys come on top). A key the method and structure do not read is an error. A method scores single "
+           "weights with its own search; `units` are the kinds of structure units it also scores (N:M weights, "
+           "channels, blocks), with the keys it then reads, from the trained weights only.", "",
+           "| method | summary | search keys | starts | units | keys with units |", "|---|---|---|---|---|---|"]
     for name, m in search.METHODS.items():
         out.append("| " + " | ".join([
-            _code(name), _cell(getattr(m, "summary", "")), _keys(getattr(m, "keys", ())),
-            _keys(getattr(m, "starts", ())),
+            _code(name), _cell(m.summary), _keys(m.keys), _keys(m.starts), _keys(m.units),
+            _keys(m.unit_keys) if m.units else "-",
         ]) + " |")
     out.append("")
     return out
 
 
 def _budget_keys(s) -> str:
-    fixed = set(getattr(s, "fixed_keys", ()))
-    keys = getattr(s, "budget_keys", ())
+    fixed = set(s.fixed_keys)
+    keys = s.budget_keys
     return ", ".join(_code(k) + (" (fixed)" if k in fixed else "") for k in keys) if keys else "-"
 
 
@@ -202,13 +204,12 @@ def _structures() -> list[str]:
     out = ["## Structures", "",
            "`convert.structure`, from the registry in `ticketforge/structures/__init__.py`. A run sets exactly "
            "one of its budget keys; a key marked fixed is accepted but has one allowed value.", "",
-           "| structure | summary | budget keys | tuning keys | convert keys | search methods |",
-           "|---|---|---|---|---|---|"]
+           "| structure | summary | units | budget keys | tuning keys | convert keys | search methods |",
+           "|---|---|---|---|---|---|---|"]
     for name, s in structures.STRUCTURES.items():
         out.append("| " + " | ".join([
-            _code(name), _cell(getattr(s, "summary", "")), _budget_keys(s),
-            _keys(getattr(s, "tuning_keys", ())), _keys(getattr(s, "convert_keys", ())),
-            _keys(getattr(s, "methods", ())),
+            _code(name), _cell(s.summary), _code(s.units) if s.units else "the method's weight ticket",
+            _budget_keys(s), _keys(s.tuning_keys), _keys(s.convert_keys), _keys(s.methods()),
         ]) + " |")
     out.append("")
     return out
