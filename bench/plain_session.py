@@ -23,9 +23,15 @@ two models' 10th percentiles (the report's statistic before the fix), the ratio 
 percentile ms say how much the load stretched the runs.
 
     python bench/plain_session.py RUN_DIR [--batch 64] [--threads 2] [--pairs 50] [--repeats 4]
+    python bench/plain_session.py RUN_DIR --check [--repeats 3]
 
 RUN_DIR holds dense.onnx and model.onnx. Writes bench/results/plain_session.csv (every block) and
-plain_session.json (the summary, the load average, the command)."""
+plain_session.json (the summary, the load average, the command).
+
+--check is the acceptance test of the fix: the report's row (ticketforge.latency.compare, as the
+budget step times it) and then an independent plain timing as the issue's reporter made it (one
+plain session per model, median of `--pairs` alternating runs), `--repeats` times; each line says
+whether the plain speed-up fell inside the report's 95% interval. Appends to plain_session_check.csv."""
 from __future__ import annotations
 
 import argparse
@@ -90,6 +96,36 @@ def stats(td: np.ndarray, tm: np.ndarray) -> dict:
             "model_ms_median": 1e3 * float(np.median(tm))}
 
 
+def check(a) -> int:
+    """The report's interval against an independent plain timing, `a.repeats` times."""
+    settings = latency.Settings(threads=a.threads)  # the report's defaults, the budget's threads
+    rows = []
+    for r in range(a.repeats):
+        load = os.getloadavg()[0]
+        row = latency.compare(a.run / "dense.onnx", a.run / "model.onnx", [a.batch], settings)[0]
+        dense, model = ([ort.InferenceSession(str(a.run / f), options(a.threads, None, False),
+                                              providers=["CPUExecutionProvider"])] for f in ("dense.onnx", "model.onnx"))
+        x = latency.feeds(dense[0], a.batch)
+        for s in dense + model:
+            for _ in range(a.warmup):
+                s.run(None, x)
+        plain = stats(*block(dense, model, x, a.pairs))["speedup_median"]
+        lo, hi = row["speedup_ci"]
+        rows.append({"label": a.label, "repeat": r, "load": round(load, 1), "report_speedup": row["speedup"],
+                     "report_lo": lo, "report_hi": hi, "report_runs": row["runs"], "report_dense_ms": row["dense_ms"],
+                     "plain_speedup_median": round(plain, 4), "inside": lo <= plain <= hi})
+        print(rows[-1], flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "plain_session_check.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            wr.writeheader()
+        wr.writerows(rows)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="a run's output folder (dense.onnx, model.onnx)")
@@ -100,7 +136,10 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--ways", default=",".join(WAYS))
     ap.add_argument("--label", default="")
+    ap.add_argument("--check", action="store_true", help="the report's interval against a plain timing")
     a = ap.parse_args()
+    if a.check:
+        return check(a)
     ways = a.ways.split(",")
     sessions = {}
     for w in ways:

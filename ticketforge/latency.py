@@ -93,7 +93,8 @@ def environment(provider: str, threads: int) -> dict:
     return {"cpu": cpu_model(), "cores": cores(), "onnxruntime": ort.__version__, "provider": provider,
             "threads": threads, "confidence": CONFIDENCE,
             "statistic": f"{100 * QUANTILE:g}th percentile of the timed runs",
-            "method": "interleaved pairs over session instances; speed-up = ratio of the percentiles; "
+            "method": "interleaved pairs over plain session instances (only the thread count set); "
+                      "speed-up = ratio of the percentiles; "
                       "moving-block bootstrap interval plus a systematic term"}
 
 
