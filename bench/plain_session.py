@@ -31,7 +31,8 @@ plain_session.json (the summary, the load average, the command).
 --check is the acceptance test of the fix: the report's row (ticketforge.latency.compare, as the
 budget step times it) and then an independent plain timing as the issue's reporter made it (one
 plain session per model, median of `--pairs` alternating runs), `--repeats` times; each line says
-whether the plain speed-up fell inside the report's 95% interval. Appends to plain_session_check.csv."""
+whether the plain speed-up fell inside the report's 95% interval, and inside the interval the run's
+own report.json gave its speed-up budget. Appends to plain_session_check.csv."""
 from __future__ import annotations
 
 import argparse
@@ -99,6 +100,10 @@ def stats(td: np.ndarray, tm: np.ndarray) -> dict:
 def check(a) -> int:
     """The report's interval against an independent plain timing, `a.repeats` times."""
     settings = latency.Settings(threads=a.threads)  # the report's defaults, the budget's threads
+    report = a.run / "report.json"
+    # the interval the run itself reported for its budget, where it had a timed one
+    budget = json.loads(report.read_text()).get("budget") or {} if report.exists() else {}
+    run_ci = budget.get("ci") if budget.get("unit") == "x" else None
     rows = []
     for r in range(a.repeats):
         load = os.getloadavg()[0]
@@ -113,16 +118,17 @@ def check(a) -> int:
         lo, hi = row["speedup_ci"]
         rows.append({"label": a.label, "repeat": r, "load": round(load, 1), "report_speedup": row["speedup"],
                      "report_lo": lo, "report_hi": hi, "report_runs": row["runs"], "report_dense_ms": row["dense_ms"],
-                     "plain_speedup_median": round(plain, 4), "inside": lo <= plain <= hi})
+                     "plain_speedup_median": round(plain, 4), "inside": lo <= plain <= hi,
+                     "run_budget_ci": run_ci, "inside_run_budget_ci": run_ci is not None and run_ci[0] <= plain <= run_ci[1]})
         print(rows[-1], flush=True)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "plain_session_check.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            wr.writeheader()
-        wr.writerows(rows)
+    old = list(csv.DictReader(path.open())) if path.exists() else []
+    fields = list(dict.fromkeys([k for r in old for k in r] + list(rows[0])))  # rows of older versions too
+    with path.open("w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=fields, restval="")
+        wr.writeheader()
+        wr.writerows(old + rows)
     return 0
 
 

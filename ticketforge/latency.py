@@ -93,9 +93,13 @@ def environment(provider: str, threads: int) -> dict:
     return {"cpu": cpu_model(), "cores": cores(), "onnxruntime": ort.__version__, "provider": provider,
             "threads": threads, "confidence": CONFIDENCE,
             "statistic": f"{100 * QUANTILE:g}th percentile of the timed runs",
-            "method": "interleaved pairs over plain session instances (only the thread count set); "
-                      "speed-up = ratio of the percentiles; "
+            "sessions": SESSION_OPTIONS,
+            "method": "interleaved pairs over session instances; speed-up = ratio of the percentiles; "
                       "moving-block bootstrap interval plus a systematic term"}
+
+
+# What session_options() sets, for what depends on it (the latency table's cache key, the report).
+SESSION_OPTIONS = "plain: intra_op_num_threads only"
 
 
 def session_options(threads: int = 1) -> ort.SessionOptions:
