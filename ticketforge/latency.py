@@ -12,9 +12,11 @@ Why this way:
   comes in bursts that span many consecutive runs (an i.i.d. bootstrap would make the interval too
   narrow). What differs between processes, which no run within one shows, is added as a fixed
   SYSTEMATIC term.
-- A fixed intra-op thread count, so that the numbers mean the same on a runner with more cores.
-  With more than one thread, spinning is off: a session's idle workers would otherwise busy-wait
-  on the cores its interleaved partner is about to use.
+- A fixed intra-op thread count, so that the numbers mean the same on a runner with more cores,
+  and nothing else: the sessions are plain ones (ONNX Runtime's default options), so the speed-up
+  is what a user's own `InferenceSession` with that thread count measures. Turning intra-op
+  spinning off (as this module once did with more than one thread) made both models faster when
+  interleaved and the speed-up larger than a plain session's (docs/plain-session-timing.md).
 
 Only numpy and onnxruntime are imported (`ticketforge bench` runs on a board without torch)."""
 from __future__ import annotations
@@ -91,19 +93,29 @@ def environment(provider: str, threads: int) -> dict:
     return {"cpu": cpu_model(), "cores": cores(), "onnxruntime": ort.__version__, "provider": provider,
             "threads": threads, "confidence": CONFIDENCE,
             "statistic": f"{100 * QUANTILE:g}th percentile of the timed runs",
+            "sessions": SESSION_OPTIONS,
             "method": "interleaved pairs over session instances; speed-up = ratio of the percentiles; "
                       "moving-block bootstrap interval plus a systematic term"}
 
 
+# What session_options() sets, for what depends on it (the latency table's cache key, the report).
+SESSION_OPTIONS = "plain: intra_op_num_threads only"
+
+
+def session_options(threads: int = 1) -> ort.SessionOptions:
+    """A plain session's options with the thread count set: what a user's InferenceSession runs with
+    (ONNX Runtime's defaults: graph optimisation ENABLE_ALL, intra-op spinning on, default inter-op
+    threads), so that the report's speed-up is the one they will measure. Only the log level differs,
+    which times nothing: warnings on the latency table's one-layer models would clutter the run's log."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = resolve_threads(threads)
+    opts.log_severity_level = 3
+    return opts
+
+
 def session(path, provider: str = "CPUExecutionProvider", threads: int = 1) -> ort.InferenceSession:
     """A timing session of a file (or an in-memory onnx.ModelProto: the latency table's one-layer models)."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = resolve_threads(threads)
-    opts.inter_op_num_threads = 1
-    if opts.intra_op_num_threads > 1:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts = session_options(threads)
     src = path.SerializeToString() if hasattr(path, "SerializeToString") else str(path)
     return ort.InferenceSession(src, opts, providers=[provider])
 

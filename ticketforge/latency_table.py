@@ -209,11 +209,14 @@ def cache_dir() -> Path:
 
 
 def context(batch: int, threads: int, provider: str) -> dict:
-    """What a table is only valid for: this CPU, runtime, thread count, provider and batch."""
+    """What a table is only valid for: this CPU, runtime, thread count, provider and batch, and the
+    sessions it was timed in (tables timed before the timing sessions became plain ones, with
+    spinning off, are not reused: spinning changes the times)."""
     import onnxruntime as ort
 
     return {"cpu": latency.cpu_model(), "cores": latency.cores(), "onnxruntime": ort.__version__,
-            "provider": provider, "threads": latency.resolve_threads(threads), "batch": batch}
+            "provider": provider, "threads": latency.resolve_threads(threads), "batch": batch,
+            "sessions": latency.SESSION_OPTIONS}
 
 
 def graph_signature(path: str | Path) -> str:

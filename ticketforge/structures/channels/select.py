@@ -45,23 +45,34 @@ def select(plan: ChannelPlan, scores: list[torch.Tensor], target: float, round_t
         current = measure(counts)
     counts, current = _give_back(plan, scores, order, counts, current, budget, round_to, measure)
     keep = [order[i][:counts[i]].sort().values for i in range(len(plan.groups))]
+    narrow = [g.root for g in plan.groups if allowed_counts(g.size, round_to, g.unit) == [g.size]]
     info = {"groups": len(plan.groups), "kept_channels": {g.root: int(c) for g, c in zip(plan.groups, counts)},
             "group_sizes": {g.root: g.size for g in plan.groups},
             "macs_kept": plan.macs(counts) / max(plan.dense_macs, 1e-12),
             "target_macs": target, "round_to": round_to, "budget_met": current <= budget * (1 + 1e-9) + 1e-6,
-            "left_whole": plan.skipped}
+            "left_whole": plan.skipped, "narrower_than_round_to": narrow}
+    # Groups that cannot shrink are said in the report, not only in its tables: a reader of "kept
+    # 0.9 of the MACs" should see which channels were never on offer, and why.
+    whole = ([f"channels: {len(narrow)} group(s) no wider than convert.round_to ({round_to}) stay whole: "
+              f"{', '.join(narrow[:4])}{' ...' if len(narrow) > 4 else ''}"] if narrow else []) + \
+            ([f"channels: {len(plan.skipped)} group(s) left whole: {'; '.join(plan.skipped[:3])}"
+              f"{' ...' if len(plan.skipped) > 3 else ''}"] if plan.skipped else [])
     if cost is not None:
         del info["target_macs"]
         info.update({"cost": cost.name, "target_cost": target, "cost_kept": current / max(cost.dense, 1e-12)})
         if not info["budget_met"]:
-            info["notes"] = [f"channels: every prunable group is at its smallest count and the predicted {cost.name} "
-                             f"is still {info['cost_kept']:.3f} of dense, above the {target:.3f} the budget needs "
-                             f"(groups left whole: {len(plan.skipped)})"]
+            whole.insert(0, f"channels: every prunable group is at its smallest count and the predicted {cost.name} "
+                            f"is still {info['cost_kept']:.3f} of dense, above the {target:.3f} the budget needs "
+                            f"(groups left whole: {len(plan.skipped)})")
+        if whole:
+            info["notes"] = whole
         return keep, info
     if not info["budget_met"]:
-        info["notes"] = [f"channels: kept {info['macs_kept']:.3f} of the dense MACs, above search.target_macs "
-                         f"{target:g}: every prunable group is at its smallest count (groups left whole: "
-                         f"{len(plan.skipped)})"]
+        whole.insert(0, f"channels: kept {info['macs_kept']:.3f} of the dense MACs, above search.target_macs "
+                        f"{target:g}: every prunable group is at its smallest count (groups left whole: "
+                        f"{len(plan.skipped)})")
+    if whole:
+        info["notes"] = whole
     return keep, info
 
 
