@@ -22,6 +22,9 @@ class DataBundle:
     # packed as one int64 sample (2, L), ids then mask (see ticketforge.adapt).
     inputs: list[str] = field(default_factory=lambda: ["input"])
     info: dict = field(default_factory=dict)  # for the report (an image folder's classes and cache)
+    # False: the data came without labels; its `y` is the dense model's top-1 (label_with_dense), so that
+    # evaluations read as agreement with it, and training distills instead of learning from `y`.
+    labeled: bool = True
 
     @property
     def input_shape(self) -> tuple[int, ...]:

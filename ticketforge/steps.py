@@ -54,6 +54,7 @@ class Run:
     accuracy: float | None = None     # the converted torch model's
     measured: dict = field(default_factory=dict)
     deploy: dict = field(default_factory=dict)
+    _teacher: nn.Module | None = None
 
     def val_loader(self):
         return loader(self.bundle.val, 256)
@@ -64,7 +65,23 @@ class Run:
     @property
     def schedule(self) -> Schedule:
         """How the ticket is trained: the search's say, else the recipe's `finetune` section."""
-        return self.found.schedule if self.found.schedule is not None else Schedule.finetune(self.recipe)
+        if self.found.schedule is not None:
+            return self.found.schedule
+        return Schedule.finetune(self.recipe, labeled=self.bundle.labeled)
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The untouched dense model on `device`, which training distills from; None when no training
+        does (finetune.distill 0 on labeled data), so that no copy is made."""
+        if self.bundle.labeled and self.recipe.finetune.distill == 0:
+            return None
+        if self._teacher is None:
+            from ticketforge import device as device_mod
+
+            same = self.device.type == "cpu"  # dense_copy lives on the CPU: used as it is there
+            self._teacher = (self.dense_copy if same else
+                             device_mod.to_device(copy.deepcopy(self.dense_copy), self.device)).eval()
+        return self._teacher
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple]:
@@ -110,7 +127,8 @@ def search_step(run: Run) -> dict | None:
     _search_log(run)
     planned = _plan_budget(run)
     ctx = SearchContext(model=run.model, loaded=run.loaded, data=run.bundle, recipe=run.recipe, device=run.device,
-                        seed=run.seed, ui=run.ui, workdir=run.state.subdir("search") if run.state else None)
+                        seed=run.seed, ui=run.ui, workdir=run.state.subdir("search") if run.state else None,
+                        teacher=run.teacher)
     found = search.run(ctx)
     notes = found.info.get("notes", []) + planned.pop("notes", [])
     found.info.update(planned, **({"notes": notes} if notes else {}))
@@ -149,7 +167,7 @@ def sanity_step(run: Run) -> dict:
     from ticketforge import sanity
 
     run.sanity = sanity.run(run.model, run.mask, run.found.scores, run.loaded.fresh, run.recipe, run.schedule,
-                            run.structure, run.bundle, run.device, run.seed, run.ui)
+                            run.structure, run.bundle, run.device, run.seed, run.ui, teacher=run.teacher)
     return run.sanity
 
 
@@ -166,7 +184,7 @@ def _wants_sanity(run: Run) -> bool:
 def finetune_step(run: Run) -> dict:
     tuned = finetune.fit(run.model, run.mask, run.schedule, run.bundle, run.device, seed=run.seed,
                          bn_recalibrate=run.recipe.finetune.bn_recalibrate,
-                         mask_scale=run.structure.mask_scale(run.recipe), ui=run.ui)
+                         mask_scale=run.structure.mask_scale(run.recipe), ui=run.ui, teacher=run.teacher)
     run.accuracy_before = tuned.accuracy_before
     return {"model": _cpu_state(run.model), "accuracy_before": tuned.accuracy_before, "mask": _mask_state(run.mask)}
 
