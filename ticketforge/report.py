@@ -29,6 +29,21 @@ def _stored(storage: dict | None) -> str:
     return f", {storage['sparse_tensors']} weight tensors stored sparse"
 
 
+def quality_rows(r: Report) -> list[list[str]]:
+    """The summary's accuracy rows (label, dense, compressed): accuracy where the data has labels, and
+    top-1 agreement with the dense model (all there is without labels)."""
+    acc, agree = r.accuracy, r.agreement or {}
+    rows = []
+    if acc is not None:
+        rows += [["accuracy (torch)", _pct(acc["dense"]), _pct(acc["compressed"])],
+                 ["accuracy (ONNX Runtime, exported)", _pct(acc.get("dense_onnx")), _pct(acc["onnx"])]]
+    else:
+        rows.append(["top-1 agreement with dense, no labels (torch)", _pct(1.0), _pct(agree.get("compressed"))])
+    if agree.get("onnx") is not None:
+        rows.append(["top-1 agreement with dense.onnx (ONNX Runtime, exported)", _pct(1.0), _pct(agree["onnx"])])
+    return rows
+
+
 def _size_rows(r: Report) -> list[str]:
     size = r.size
     if not size:  # a report of an older version
@@ -67,7 +82,7 @@ def _latency_lines(r: Report) -> list[str]:
 
 
 def to_markdown(r: Report) -> str:
-    acc, sp = r.accuracy, r.sparsity
+    sp = r.sparsity
     lines = [
         f"# ticketforge report: {r.recipe['name']}",
         "",
@@ -82,8 +97,7 @@ def to_markdown(r: Report) -> str:
         "",
         "| | dense | compressed |",
         "|---|---:|---:|",
-        f"| accuracy (torch) | {_pct(acc['dense'])} | {_pct(acc['compressed'])} |",
-        f"| accuracy (ONNX Runtime, exported) | {_pct(acc.get('dense_onnx'))} | {_pct(acc['onnx'])} |",
+        *(f"| {label} | {dense} | {compressed} |" for label, dense, compressed in quality_rows(r)),
         f"| non-zero parameters | {r.params['dense']:,} | {r.params['compressed']:,} |",
         f"| MACs per sample | {macs_text(r.macs['dense'], r.macs)} | {macs_text(r.macs['compressed'], r.macs)} |",
         *_size_rows(r),
@@ -98,8 +112,10 @@ def to_markdown(r: Report) -> str:
         ops = ", ".join(f"{n} {k}" for k, n in q.get("quantized_ops", {}).items())
         size = (f"{_mb(q['size']['bytes'])} on disk, {_mb(q['size']['gzip_bytes'])} gzipped"
                 f"{_stored(q.get('storage'))}" if q.get("size") else f"{q['size_mb']:.3f} MB")
-        lines += ["", f"Quantized `{q['file']}` ({q['format']}{', ' + ops if ops else ''}): accuracy "
-                  f"{_pct(q['accuracy'])} in ONNX Runtime, {size}."]
+        quality = (f"accuracy {_pct(q['accuracy'])}, " if q.get("accuracy") is not None else "") + (
+            f"top-1 agreement with dense.onnx {_pct(q['agreement'])}" if q.get("agreement") is not None else "")
+        lines += ["", f"Quantized `{q['file']}` ({q['format']}{', ' + ops if ops else ''}): "
+                  f"{quality.rstrip(', ')} in ONNX Runtime, {size}."]
     trt = r.tensorrt
     if trt:
         lines += ["", f"TensorRT `{trt['file']}` ({', '.join(trt['precisions'])}): accuracy {_pct(trt['accuracy'])}; "

@@ -88,6 +88,8 @@ def _macs_text(value, section: dict) -> str:
 
 
 def render(r: Report) -> str:
+    from ticketforge.report import quality_rows  # report imports this module
+
     acc, sp = r.accuracy, r.sparsity
     g = r.gate
     if not g["checks"]:
@@ -97,8 +99,7 @@ def render(r: Report) -> str:
         banner = (f'<div class="banner {"pass" if g["passed"] else "fail"}">Gate: '
                   f'{"PASSED" if g["passed"] else "FAILED"} ({nfail} of {len(g["checks"])} checks failed)</div>')
     summary = [
-        ["accuracy (torch)", _pct(acc["dense"]), _pct(acc["compressed"])],
-        ["accuracy (ONNX Runtime, exported)", _pct(acc.get("dense_onnx")), _pct(acc["onnx"])],
+        *quality_rows(r),
         ["non-zero parameters", f"{r.params['dense']:,}", f"{r.params['compressed']:,}"],
         ["MACs per sample", _macs_text(r.macs['dense'], r.macs), _macs_text(r.macs['compressed'], r.macs)],
         ["model.onnx size", f"{r.size_mb['dense']:.3f} MB", f"{r.size_mb['compressed']:.3f} MB"],
@@ -107,8 +108,10 @@ def render(r: Report) -> str:
         ["sparsity of prunable weights", "-", f"{_pct(sp['achieved'])} (target {_pct(sp['target'])})"],
     ]
     for key in ("int8", "fp16", "engine"):
-        if acc.get(key) is not None:
+        if acc is not None and acc.get(key) is not None:
             summary.append([f"accuracy ({gate.EXPORTED[key]})", "-", _pct(acc[key])])
+        elif acc is None and (r.agreement or {}).get(key) is not None:
+            summary.append([f"top-1 agreement with dense ({gate.EXPORTED[key]})", "-", _pct(r.agreement[key])])
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>ticketforge report: "
         f"{html.escape(r.recipe['name'])}</title><style>{CSS}</style></head><body>",

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ticketforge import distributed, finetune, hf, search, sparse_storage, ticket, validate
-from ticketforge import export as export_mod
+from ticketforge import data as data_mod, export as export_mod
 from ticketforge.data import DataBundle, loader
 from ticketforge.errors import VerificationError
 from ticketforge.finetune import Schedule
@@ -100,13 +100,21 @@ def _mask_state(mask: Mask | None):
 
 def dense(run: Run) -> dict:
     run.dense_accuracy = finetune.evaluate(run.model, run.val_loader(), run.device)
-    run.ui.log(f"dense model: validation accuracy {run.dense_accuracy:.4f}")
+    _dense_log(run)
     return {"accuracy": run.dense_accuracy}
+
+
+def _dense_log(run: Run) -> None:
+    if run.bundle.labeled:
+        run.ui.log(f"dense model: validation accuracy {run.dense_accuracy:.4f}")
+    else:
+        run.ui.log("data without labels: the dense model is the teacher (pure distillation), and accuracy is "
+                   "top-1 agreement with it")
 
 
 def _restore_dense(run: Run, saved: dict) -> None:
     run.dense_accuracy = saved["accuracy"]
-    run.ui.log(f"dense model: validation accuracy {run.dense_accuracy:.4f}")
+    _dense_log(run)
 
 
 # ---------------------------------------------------------------- search
@@ -202,7 +210,8 @@ def convert_step(run: Run) -> None:
     conv.model.eval()
     run.converted = conv
     run.accuracy = finetune.evaluate(conv.model, run.val_loader(), run.device)
-    run.ui.log(f"ticket: accuracy {run.accuracy_before:.4f} before fine-tuning, {run.accuracy:.4f} after")
+    what = "accuracy" if run.bundle.labeled else "agreement with the dense model"
+    run.ui.log(f"ticket: {what} {run.accuracy_before:.4f} before fine-tuning, {run.accuracy:.4f} after")
     digest = distributed.check_identical(conv.mask, "final mask") if conv.mask is not None else None
     if distributed.world_size() > 1 and digest:
         run.ui.log(f"mask identical on all {distributed.world_size()} processes (sha256 {digest[:12]})")
@@ -283,8 +292,15 @@ def measure(run: Run) -> None:
     m = run.measured
     m["parity"] = par
     m["structure"] = run.structure.verify(out / "model.onnx", out / "dense.onnx", run.converted, recipe) or {}
-    m["onnx_accuracy"] = validate.onnx_accuracy(out / "model.onnx", run.bundle.val)
-    m["dense_onnx_accuracy"] = validate.onnx_accuracy(out / "dense.onnx", run.bundle.val)
+    # One pass of each file over the validation split: accuracy (where there are labels) and top-1
+    # agreement of model.onnx with dense.onnx (always; without labels it is the accuracy that counts)
+    preds, dense_preds, labels = (validate.onnx_predictions(out / "model.onnx", run.bundle.val),
+                                  validate.onnx_predictions(out / "dense.onnx", run.bundle.val),
+                                  data_mod.labels_of(run.bundle.val).numpy())
+    m["onnx_agreement"] = validate.agreement(preds, dense_preds)
+    if run.bundle.labeled:
+        m["onnx_accuracy"] = validate.agreement(preds, labels)
+        m["dense_onnx_accuracy"] = validate.agreement(dense_preds, labels)
     sample = run.bundle.example(1)[0].numpy()  # MACs are counted on a real sample (ticketforge.macs)
     m["dense"], m["compressed"] = (validate.onnx_stats(out / "dense.onnx", sample),
                                    validate.onnx_stats(out / "model.onnx", sample))
@@ -338,5 +354,7 @@ def start(recipe: Recipe, structure: Structure, loaded: LoadedModel, bundle: Dat
 
     dense_copy = copy.deepcopy(loaded.model).eval()
     model = device_mod.to_device(loaded.model, device).eval()
+    if not bundle.labeled:
+        data_mod.label_with_dense(bundle, model, device)
     return Run(recipe=recipe, structure=structure, loaded=loaded, bundle=bundle, device=device, seed=seed, ui=ui,
                model=model, dense_copy=dense_copy)
