@@ -99,11 +99,11 @@ class FinetuneConfig:
     weight_decay: float = opt(5e-4, "weight decay", lo=0.0)
     grad_clip: float = opt(2.0, "gradient-norm clip (0: off)", lo=0.0)
     bn_recalibrate: bool = opt(True, "re-estimate BatchNorm statistics after every mask change")
-    distill: float = opt(0.5, "weight of distillation from the dense model in every fine-tune and ticket retraining "
-                         "(IMP rounds, the rest of a rewind schedule): loss = (1 - w) CE + w T^2 KL(dense || ticket) "
-                         "at temperature distill_temperature; 0: labels only. Data without labels always uses 1",
-                         lo=0.0, hi=1.0)
-    distill_temperature: float = opt(4.0, "distillation temperature T: both models' logits are divided by it before "
+    distill: float = opt(0.5, "weight w of distillation from the dense model in every fine-tune and ticket retraining "
+                         "(IMP rounds, the rest of a rewind schedule): loss = (1 - w) CE + w T^2 KL(dense || ticket), "
+                         "T = distill_temperature; 0: labels only. Data without labels always uses 1. Default measured "
+                         "in docs/distillation.md", lo=0.0, hi=1.0)
+    distill_temperature: float = opt(2.0, "distillation temperature T: both models' logits are divided by it before "
                                      "the softmax", lo=0.0, lo_open=True)
 
 
