@@ -121,6 +121,7 @@ def test_npz_without_labels_compresses_on_agreement(user, cli):
     assert check["measured"] == pytest.approx(1 - want, abs=1e-6) and "agreement" in check["measured_as"]
     md = Path("out/report.md").read_text()
     assert "top-1 agreement with dense.onnx" in md and "accuracy (ONNX" not in md
+    assert any("pure distillation" in n for n in rep["notes"])
     assert "agreement" in Path("out/report.html").read_text()
 
 
@@ -131,6 +132,7 @@ def test_npz_with_labels_reports_accuracy_and_agreement(user, cli):
     rep = json.loads(Path("out/report.json").read_text())
     assert rep["data"]["labels"] is True and rep["recipe"]["finetune"]["distill"] > 0
     assert 0 < rep["accuracy"]["onnx"] <= 1 and 0 < rep["agreement"]["onnx"] <= 1
+    assert not any("pure distillation" in n for n in rep["notes"])
 
 
 def test_image_folder_without_classes_compresses(cli):

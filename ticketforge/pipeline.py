@@ -250,7 +250,10 @@ def build_report(job: Job, run: steps.Run, runner: Runner, classes: int, key: st
         **({"budget": m["budget"]} if "budget" in m else {}),
         "latency_env": latency.environment("CPUExecutionProvider", m["timing"].threads),
         "timings": {k: round(v, 3) for k, v in runner.timings.items()},
-        "notes": run.notes,
+        "notes": run.notes + ([] if run.bundle.labeled else [
+            f"data without labels: every training was pure distillation from the dense model (finetune.distill 1, "
+            f"not {recipe.finetune.distill:g}; temperature {recipe.finetune.distill_temperature:g}), and accuracy is "
+            "top-1 agreement with the dense model (report.json: agreement)"]),
         **m["structure"],
         **({"sanity": {**run.sanity, "ticket": run.accuracy}} if run.sanity else {}),
         **run.deploy,
