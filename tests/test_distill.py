@@ -153,3 +153,31 @@ def test_image_folder_without_classes_compresses(cli):
     assert "accuracy" not in rep and rep["data"]["labels"] is False
     assert rep["data"]["val"] == 8 and rep["data"]["image_folder"]["images"] == 32
     assert 0 <= rep["agreement"]["onnx"] <= 1
+
+
+# ---------------------------------------------------------------- retraining inside a search
+
+@pytest.mark.parametrize("labeled", [True, False])
+def test_ltr_rounds_distill_and_the_dense_run_only_without_labels(make_ctx, monkeypatch, labeled):
+    """LTR's rounds retrain a ticket: they distill from the dense model. Its round 0 (the dense run
+    from the rewind point) learns from the labels, as the papers train; without labels there is
+    nothing to learn from but the dense model."""
+    from ticketforge import finetune
+    from ticketforge.search import imp as imp_mod
+
+    ctx = make_ctx(["search.method=imp", "search.start=rewind", "train.rewind_steps=3", "search.sparsity=0.36"])
+    ctx.teacher = copy.deepcopy(ctx.model).eval()
+    ctx.data.labeled = labeled
+    calls, real = [], finetune.train
+
+    def record(model, loader, **kw):
+        calls.append((kw.get("desc"), kw.get("teacher") is ctx.teacher, kw.get("distill", 0.0)))
+        return real(model, loader, **kw)
+
+    monkeypatch.setattr(finetune, "train", record)
+    imp_mod.imp(ctx)
+    by = {desc: (taught, w) for desc, taught, w in calls}
+    w = ctx.recipe.finetune.distill if labeled else 1.0
+    assert by["IMP round 1/2"] == by["IMP round 2/2"] == (True, w)
+    assert by["IMP dense training"] == ((False, 0.0) if labeled else (True, 1.0))
+    assert by["rewind: train 3 of 8 steps"] == by["IMP dense training"]
