@@ -10,9 +10,9 @@ Three model families, each trained dense here on local data first (no download):
 - transformer    `vit` (image_size 8, patch_size 2, dim 64, depth 4) on digits, AdamW
 
 Per family and seed, the trained model is pruned one-shot by the built-in `magnitude` recipe (LAMP)
-at `--sparsity`, then the same ticket is fine-tuned by `finetune.fit` once per distillation weight
-(`finetune.distill`, temperature `finetune.distill_temperature`), with the same schedule, data
-order and steps; only the loss differs. Reported: validation accuracy, and top-1 agreement with the
+at the family's sparsity, then the same ticket is fine-tuned by `finetune.fit` once with labels only
+(w=0) and once per `--weights` x `--temperatures` (`finetune.distill`, `finetune.distill_temperature`),
+with the same schedule, data order and steps; only the loss differs. Reported: validation accuracy, and top-1 agreement with the
 dense model on the validation split. Rows go to bench/results/distill.csv, the per-family means
 to distill.json, the plot to distill.png.
 """
