@@ -181,3 +181,19 @@ def test_ltr_rounds_distill_and_the_dense_run_only_without_labels(make_ctx, monk
     assert by["IMP round 1/2"] == by["IMP round 2/2"] == (True, w)
     assert by["IMP dense training"] == ((False, 0.0) if labeled else (True, 1.0))
     assert by["rewind: train 3 of 8 steps"] == by["IMP dense training"]
+
+
+def test_flat_image_folder_is_data_without_labels():
+    """DIR/*.png (no train/, no class folders): every image, a held-out validation split, no labels."""
+    from PIL import Image
+
+    from ticketforge.data import UNLABELED, labels_of, load_data
+    from ticketforge.recipe import DataConfig
+
+    Path("flat").mkdir()
+    for i in range(10):
+        Image.fromarray(np.full((9, 9, 3), 20 * i, np.uint8)).save(Path("flat", f"{i}.png"))
+    b = load_data("flat", 0.2, 0, DataConfig(resize=8, crop=8))
+    assert not b.labeled and b.info["images"] == 10 and b.info["classes"] == []
+    assert (len(b.train), len(b.val)) == (8, 2) and b.input_shape == (3, 8, 8)
+    assert (labels_of(b.train) == UNLABELED).all()
