@@ -154,7 +154,9 @@ class ValidateConfig:
 
 @dataclass
 class GateConfig:
-    max_accuracy_drop: Optional[float] = opt(None, "dense accuracy minus exported ONNX accuracy, at most")
+    max_accuracy_drop: Optional[float] = opt(None, "dense accuracy minus exported ONNX accuracy, at most; for data "
+                                             "without labels, 1 minus the exported model's top-1 agreement with "
+                                             "dense.onnx")
     min_speedup: Optional[float] = opt(None, "speed-up over dense, at least, checked on the low end of its 95% "
                                        "interval (every backend and batch, or gate.batch)")
     max_latency_ms: Optional[float] = opt(None, "latency of the exported model, at most, checked on the high end of "
