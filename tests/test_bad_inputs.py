@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -188,8 +189,17 @@ def test_data_unreadable():
 
 
 def test_data_missing_arrays():
-    np.savez("onlyx.npz", x=np.zeros((8, 1, 8, 8), np.float32))
-    refused(compress(*MODEL, data="onlyx.npz"), "onlyx.npz", "lacks array(s) y", "has: x")
+    # x alone is data without labels (tests/test_distill.py); without x there is nothing to run
+    np.savez("onlyy.npz", y=np.zeros(8, np.int64))
+    refused(compress(*MODEL, data="onlyy.npz"), "onlyy.npz", "lacks array x", "has: y")
+
+
+def test_data_with_labels_for_one_split_only():
+    x = np.zeros((16, 1, 8, 8), np.float32)
+    np.savez("noyval.npz", x=x, y=np.arange(16) % 10, x_val=x[:4])
+    refused(compress(*MODEL, data="noyval.npz"), "noyval.npz", "has labels y", "x_val and y_val")
+    np.savez("noy.npz", x=x, x_val=x[:4], y_val=np.arange(4))
+    refused(compress(*MODEL, data="noy.npz"), "noy.npz", "y_val but no y")
 
 
 def test_data_length_mismatch():
@@ -603,6 +613,13 @@ def _images(root, classes=("a", "b"), n=3, size=(10, 12)):
 def test_image_folder_layouts_that_are_refused():
     Path("imgs").mkdir()
     refused(compress(*MODEL, data="imgs"), "imgs", "no class folders", "imgs/train/<class>")
+    _images("imgs/val")  # labels for the validation split only
+    Path("imgs/train").mkdir()
+    for i in range(3):
+        shutil.copy("imgs/val/a/0.png", f"imgs/train/{i}.png")
+    refused(compress(*MODEL, data="imgs"), "has class folders", "imgs/train has none")
+    shutil.rmtree("imgs")
+    Path("imgs").mkdir()
     _images("imgs/train")
     Path("imgs/train/empty").mkdir()
     refused(compress(*MODEL, data="imgs"), "class folder", "empty", "has no images")

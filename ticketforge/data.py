@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ticketforge import device as device_mod, distributed
 from ticketforge.errors import UserError
+from ticketforge.images import UNLABELED
 
 
 @dataclass
@@ -22,6 +23,9 @@ class DataBundle:
     # packed as one int64 sample (2, L), ids then mask (see ticketforge.adapt).
     inputs: list[str] = field(default_factory=lambda: ["input"])
     info: dict = field(default_factory=dict)  # for the report (an image folder's classes and cache)
+    # False: the data came without labels; its `y` is the dense model's top-1 (label_with_dense), so that
+    # evaluations read as agreement with it, and training distills instead of learning from `y`.
+    labeled: bool = True
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -38,23 +42,31 @@ class DataBundle:
         return torch.stack([self.val[i][0] for i in range(min(n, len(self.val)))])
 
 
+
+
 def _token_ids(x: np.ndarray) -> bool:
     """An integer N x L array other than uint8 (which is pixels) holds token ids."""
     return x.ndim == 2 and np.issubdtype(x.dtype, np.integer) and x.dtype != np.uint8
 
 
-def _to_tensors(x: np.ndarray, y: np.ndarray, where: str, mask: np.ndarray | None = None) -> TensorDataset:
+def _to_tensors(x: np.ndarray, y: np.ndarray | None, where: str, mask: np.ndarray | None = None) -> TensorDataset:
+    """(x, y) as tensors; without `y` (data without labels) the labels are UNLABELED until
+    label_with_dense fills them in."""
     if x.ndim < 2:
         raise UserError(f"{where}: x must be N x F or N x C x H x W, got shape {x.shape}")
-    if len(x) != len(y):
-        raise UserError(f"{where}: x has {len(x)} samples but y has {len(y)}")
     if len(x) == 0:
         raise UserError(f"{where}: the split is empty")
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+    if y is None:
+        y = np.full(len(x), UNLABELED, dtype=np.int64)
+    elif len(x) != len(y):
+        raise UserError(f"{where}: x has {len(x)} samples but y has {len(y)}")
+    elif y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         if np.issubdtype(y.dtype, np.floating) and y.ndim == 1 and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
             y = y.astype(np.int64)
         else:
             raise UserError(f"{where}: y must be a 1-D array of integer class labels, got {y.dtype} {y.shape}")
+    elif (y < 0).any():
+        raise UserError(f"{where}: y has negative labels")
     if _token_ids(x):  # used as they are: int64, never scaled
         if (x < 0).any():
             raise UserError(f"{where}: x holds token ids (an integer N x L array) but some are negative")
@@ -75,8 +87,6 @@ def _to_tensors(x: np.ndarray, y: np.ndarray, where: str, mask: np.ndarray | Non
             raise UserError(f"{where}: x contains NaN or Inf values")
     else:
         raise UserError(f"{where}: x has dtype {x.dtype}, expected numbers")
-    if (y < 0).any():
-        raise UserError(f"{where}: y has negative labels")
     return TensorDataset(xt, torch.from_numpy(y.astype(np.int64)))
 
 
@@ -95,7 +105,8 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return (d.images[:, None] / 16.0).astype(np.float32), d.target.astype(np.int64)
 
 
-def _npz(path: Path) -> tuple[TensorDataset, TensorDataset | None, list[str]]:
+def _npz(path: Path) -> tuple[TensorDataset, TensorDataset | None, list[str], bool]:
+    """(train, val or None, input names, labeled): `x` with `y`, or `x` alone (no labels)."""
     if not path.is_file():
         raise UserError(f"data file {path} does not exist")
     try:
@@ -103,19 +114,25 @@ def _npz(path: Path) -> tuple[TensorDataset, TensorDataset | None, list[str]]:
         names = set(arrays.files)
     except Exception as exc:
         raise UserError(f"data file {path} is not a readable .npz: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    missing = [k for k in ("x", "y") if k not in names]
-    if missing:
-        raise UserError(f"data file {path} lacks array(s) {', '.join(missing)} (has: {', '.join(sorted(names)) or 'none'})")
+    if "x" not in names:
+        raise UserError(f"data file {path} lacks array x (has: {', '.join(sorted(names)) or 'none'})")
+    labeled = "y" in names
+    if not labeled and "y_val" in names:
+        raise UserError(f"data file {path} has y_val but no y: give labels for both splits, or for neither")
     masked = "attention_mask" in names
     if ("attention_mask_val" in names) != (masked and "x_val" in names):
         raise UserError(f"data file {path}: give attention_mask_val with x_val exactly when there is an attention_mask")
     try:
-        train = _to_tensors(arrays["x"], arrays["y"], f"{path} (x, y)", arrays["attention_mask"] if masked else None)
+        train = _to_tensors(arrays["x"], arrays["y"] if labeled else None, f"{path} (x{', y' if labeled else ''})",
+                            arrays["attention_mask"] if masked else None)
         val = None
         if "x_val" in names or "y_val" in names:
-            if not {"x_val", "y_val"} <= names:
-                raise UserError(f"data file {path}: give both x_val and y_val, or neither")
-            val = _to_tensors(arrays["x_val"], arrays["y_val"], f"{path} (x_val, y_val)",
+            if labeled and not {"x_val", "y_val"} <= names:
+                raise UserError(f"data file {path}: has labels y, so give both x_val and y_val, or neither")
+            if "x_val" not in names:
+                raise UserError(f"data file {path}: has y_val but no x_val")
+            val = _to_tensors(arrays["x_val"], arrays["y_val"] if labeled else None,
+                              f"{path} (x_val{', y_val' if labeled else ''})",
                               arrays["attention_mask_val"] if masked else None)
     except ValueError as exc:  # object arrays refused by allow_pickle=False
         raise UserError(f"data file {path}: {exc}") from None
@@ -123,7 +140,7 @@ def _npz(path: Path) -> tuple[TensorDataset, TensorDataset | None, list[str]]:
                             or val.tensors[0].dtype != train.tensors[0].dtype):
         raise UserError(f"data file {path}: x_val samples are {val.tensors[0].dtype} {tuple(val.tensors[0].shape[1:])}, "
                         f"x has {train.tensors[0].dtype} {tuple(train.tensors[0].shape[1:])}")
-    return train, val, ["input", "attention_mask"] if masked else ["input"]
+    return train, val, ["input", "attention_mask"] if masked else ["input"], labeled
 
 
 def _callable(spec: str):
@@ -145,24 +162,25 @@ def load_data(spec: str, val_fraction: float = 0.1, seed: int = 0, cfg=None) -> 
     """`cfg`: the recipe's `data` section (how an image folder is read); defaults when None."""
     if not 0 < val_fraction < 1:
         raise UserError(f"--val-fraction must be in (0, 1), got {val_fraction}")
-    inputs, info = ["input"], {}
+    inputs, info, labeled = ["input"], {}, True
     if spec == "digits":
         x, y = _digits()
         train, val = TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), None
     elif spec.endswith(".npz") or Path(spec).is_file():
-        train, val, inputs = _npz(Path(spec))
+        train, val, inputs, labeled = _npz(Path(spec))
     elif Path(spec).is_dir():
         from ticketforge import images
         from ticketforge.recipe import DataConfig
 
         train, val, info = images.load(Path(spec), cfg or DataConfig())
+        labeled = bool(info["classes"])
     elif ":" in spec:
         train, val = _callable(spec)
     else:
         raise UserError(f"--data {spec!r}: expected 'digits', a .npz file, an image folder, or package.module:callable")
     if val is None:
         train, val = _split(train, val_fraction, seed)
-    return DataBundle(train=train, val=val, spec=spec, inputs=inputs, info=info)
+    return DataBundle(train=train, val=val, spec=spec, inputs=inputs, info=info, labeled=labeled)
 
 
 def _base(ds: Dataset) -> tuple[Dataset, torch.Tensor | None]:
@@ -170,6 +188,21 @@ def _base(ds: Dataset) -> tuple[Dataset, torch.Tensor | None]:
     if isinstance(ds, Subset):
         return ds.dataset, torch.as_tensor(ds.indices)
     return ds, None
+
+
+@torch.no_grad()
+def label_with_dense(bundle: DataBundle, model: torch.nn.Module, device: torch.device) -> None:
+    """Data without labels: each sample's label becomes the dense model's top-1, so that every
+    evaluation of a ticket in torch reads as its agreement with the dense model. Training does not
+    learn from these labels: it distills (finetune.distill_weight)."""
+    model.eval()
+    bases = {id(b): b for b in (_base(bundle.train)[0], _base(bundle.val)[0])}  # a held-out split shares its base
+    for base in bases.values():
+        top1 = torch.cat([model(device_mod.inputs_to(x, device, model)).argmax(1).cpu() for x, _ in loader(base, 256)])
+        if isinstance(base, TensorDataset):
+            base.tensors = (base.tensors[0], top1)
+        else:  # an image folder
+            base.targets = top1
 
 
 def labels_of(ds: Dataset) -> torch.Tensor:

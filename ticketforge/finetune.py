@@ -37,31 +37,60 @@ class Schedule:
     start_epoch: int = 0
     start_step: int = 0          # steps of `start_epoch` already done (rewinding to an iteration)
     total_epochs: int | None = None
+    distill: float = 0.0         # weight of the KL to a teacher's outputs, when train() is given a teacher
+    distill_temperature: float = 1.0
 
     @classmethod
-    def finetune(cls, recipe) -> "Schedule":
-        """The recipe's `finetune` section."""
+    def finetune(cls, recipe, labeled: bool = True) -> "Schedule":
+        """The recipe's `finetune` section (pure distillation without labels: distill_weight)."""
         ft = recipe.finetune
         return cls(epochs=ft.epochs, lr=ft.lr, batch_size=ft.batch_size, optimizer=ft.optimizer,
-                   momentum=ft.momentum, weight_decay=ft.weight_decay, grad_clip=ft.grad_clip)
+                   momentum=ft.momentum, weight_decay=ft.weight_decay, grad_clip=ft.grad_clip,
+                   distill=distill_weight(recipe, labeled), distill_temperature=ft.distill_temperature)
 
     @classmethod
-    def rest_of_training(cls, recipe, start_epoch: int, start_step: int = 0) -> "Schedule":
+    def rest_of_training(cls, recipe, start_epoch: int, start_step: int = 0, labeled: bool = True) -> "Schedule":
         """The recipe's `train` schedule from step `start_step` of epoch `start_epoch` to its end
-        (SGD, as the papers train)."""
+        (SGD, as the papers train). Its distillation applies only where train() gets a teacher:
+        the retraining of a ticket, not the dense training before a rewind point (labeled data)."""
         tr = recipe.train
         return cls(epochs=tr.epochs - start_epoch, lr=tr.lr, batch_size=tr.batch_size, optimizer="sgd",
                    momentum=tr.momentum, weight_decay=tr.weight_decay, grad_clip=recipe.finetune.grad_clip,
-                   start_epoch=start_epoch, start_step=start_step, total_epochs=tr.epochs)
+                   start_epoch=start_epoch, start_step=start_step, total_epochs=tr.epochs,
+                   distill=distill_weight(recipe, labeled), distill_temperature=recipe.finetune.distill_temperature)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def teacher_kwargs(self, teacher: nn.Module | None) -> dict:
+        """train()'s teacher arguments: none when distillation is off (no teacher forward wasted)."""
+        return {"teacher": teacher, "distill": self.distill} if teacher is not None and self.distill > 0 else {}
 
     def train_kwargs(self) -> dict:
         """Keyword arguments of train() (everything but the batch size, which is the loader's)."""
         d = self.to_dict()
         d.pop("batch_size")
+        d.pop("distill")  # train() distills only with a teacher: Schedule.teacher_kwargs
         return d
+
+
+def distill_weight(recipe, labeled: bool = True) -> float:
+    """finetune.distill; 1 (pure distillation) for data without labels, where the dense model's
+    outputs are the only targets there are."""
+    return recipe.finetune.distill if labeled else 1.0
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, weight: float,
+                 temperature: float) -> torch.Tensor:
+    """(1 - weight) * CE(student, labels) + weight * T^2 * KL(softmax(teacher/T) || softmax(student/T)),
+    as Hinton et al. 2015: T^2 keeps the soft term's gradients on the scale of the hard term's as T
+    grows. `labels` may be None only at weight 1 (data without labels)."""
+    t = temperature
+    kl = nn.functional.kl_div(nn.functional.log_softmax(student / t, 1), nn.functional.log_softmax(teacher / t, 1),
+                              reduction="batchmean", log_target=True) * (t * t)
+    if weight >= 1:
+        return kl
+    return (1 - weight) * nn.functional.cross_entropy(student, labels) + weight * kl
 
 
 @dataclass
@@ -73,10 +102,11 @@ class Tuned:
 
 def fit(model: nn.Module, mask: Mask | None, schedule: Schedule, data, device: torch.device, *, seed: int = 0,
         bn_recalibrate: bool = True, mask_scale: Callable[[float], float] | None = None, ui: UI = SILENT,
-        desc: str = "fine-tune") -> Tuned:
+        desc: str = "fine-tune", teacher: nn.Module | None = None) -> Tuned:
     """Fine-tune a ticket: the one training of a ticket that the pipeline, the sanity checks and the
     benchmarks share. Apply the mask, re-estimate BatchNorm statistics for the subnetwork, then train
-    on `schedule` with the mask held (or decayed by the structure's `mask_scale`). `data` is a
+    on `schedule` with the mask held (or decayed by the structure's `mask_scale`), distilling from
+    `teacher` (the dense model, on `device`) by `schedule.distill`. `data` is a
     ticketforge.data.DataBundle."""
     train_loader = loader(data.train, schedule.batch_size, shuffle=True, seed=seed)
     val_loader = loader(data.val, 256)
@@ -88,7 +118,7 @@ def fit(model: nn.Module, mask: Mask | None, schedule: Schedule, data, device: t
     losses = []
     if schedule.epochs:
         losses = train(model, train_loader, device=device, mask=mask, ui=ui, desc=desc, mask_scale=mask_scale,
-                       **schedule.train_kwargs())
+                       **schedule.train_kwargs(), **schedule.teacher_kwargs(teacher))
     after = evaluate(model, val_loader, device) if schedule.epochs else before
     return Tuned(accuracy_before=before, accuracy=after, losses=losses)
 
@@ -104,7 +134,8 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, devic
           optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4, grad_clip: float = 0.0,
           mask: Mask | None = None, ui: UI = SILENT, desc: str = "fine-tune", start_epoch: int = 0,
           total_epochs: int | None = None, mask_scale: Callable[[float], float] | None = None,
-          start_step: int = 0, max_steps: int | None = None) -> list[float]:
+          start_step: int = 0, max_steps: int | None = None, teacher: nn.Module | None = None,
+          distill: float = 0.0, distill_temperature: float = 1.0) -> list[float]:
     """Train with a cosine learning-rate schedule over `total_epochs` (default `epochs`), starting at
     `start_epoch` of it (rewinding = starting the schedule again). Returns the mean loss per epoch.
 
@@ -113,7 +144,10 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, devic
     earlier (training up to a rewind point).
 
     With `mask` the pruned weights stay zero; with `mask_scale` as well, they instead enter the forward
-    scaled by mask_scale(fraction of this training done) and keep training, and are zeroed at the end."""
+    scaled by mask_scale(fraction of this training done) and keep training, and are zeroed at the end.
+
+    With `teacher` and `distill` > 0 the loss is distill_loss against the teacher's logits on the same
+    batch (computed without a graph, the teacher in eval mode)."""
     decaying = mask is not None and mask_scale is not None
     if decaying and isinstance(model, torch.jit.ScriptModule):
         raise UserError("a decaying mask needs an eager nn.Module, not a TorchScript archive: give a state_dict "
@@ -132,6 +166,9 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, devic
     net = distributed.wrap(model, device)  # under torchrun: gradients averaged over the ranks
     losses = []
     model.train()
+    distilling = teacher is not None and distill > 0
+    if distilling:
+        teacher.eval()
     steps = epochs * steps_per_epoch - start_step
     if max_steps is not None:
         steps = min(steps, max_steps)
@@ -152,7 +189,13 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, devic
                 x, y = device_mod.inputs_to(x, device, model), y.to(device, non_blocking=True)
                 with prec.autocast(device):
                     logits = net(x)
-                loss = nn.functional.cross_entropy(logits.float(), y)
+                    if distilling:
+                        with torch.no_grad():
+                            target = teacher(x)
+                if distilling:
+                    loss = distill_loss(logits.float(), target.float(), y, distill, distill_temperature)
+                else:
+                    loss = nn.functional.cross_entropy(logits.float(), y)
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(f"{desc}: the loss became {loss.item()} at epoch {start_epoch + epoch + 1}; "
                                         "lower the learning rate (--set finetune.lr=...)")

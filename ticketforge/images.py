@@ -2,7 +2,8 @@
 
 Layouts, as torchvision's ImageFolder: `DIR/train/<class>/*` with an optional `DIR/val/<class>/*`,
 or `DIR/<class>/*` (the validation split is then held out by --val-fraction). Classes are the
-sorted folder names of the training split. Each image is converted to RGB, its shorter side
+sorted folder names of the training split. Images without class folders (`DIR/*`, or `DIR/train/*`
+with an optional `DIR/val/*`) are data without labels: the dense model is then the teacher. Each image is converted to RGB, its shorter side
 resized to `data.resize`, center-cropped to `data.crop` and normalised by `data.mean` and
 `data.std` (recipe section `data`; ImageNet's at 224 by default).
 
@@ -22,6 +23,10 @@ import torch
 from torch.utils.data import Dataset
 
 from ticketforge.errors import UserError
+
+# The label of a sample of data without labels (an image outside class folders; ticketforge.data uses it
+# for every kind of data), until the dense model labels it (data.label_with_dense).
+UNLABELED = -1
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -54,7 +59,6 @@ def _files(folder: Path) -> list[Path]:
 
 
 def _items(split: Path, classes: list[str], where: str) -> list[tuple[Path, int]]:
-    Image = _pillow()
     items = []
     for label, name in enumerate(classes):
         files = _files(split / name)
@@ -62,6 +66,18 @@ def _items(split: Path, classes: list[str], where: str) -> list[tuple[Path, int]
             raise UserError(f"--data {where}: class folder {split / name} has no images "
                             f"({', '.join(sorted(EXTENSIONS))})")
         items += [(f, label) for f in files]
+    return _readable(items, where)
+
+
+def _unlabeled(split: Path, where: str) -> list[tuple[Path, int]]:
+    """The images directly in `split` (no class folders), each labeled UNLABELED."""
+    files = sorted(p for p in split.iterdir() if p.suffix.lower() in EXTENSIONS and p.is_file()
+                   and not p.name.startswith("."))
+    return _readable([(f, UNLABELED) for f in files], where)
+
+
+def _readable(items: list[tuple[Path, int]], where: str) -> list[tuple[Path, int]]:
+    Image = _pillow()
     for path, _ in items:  # the header only: cheap, and catches files that are not images at all
         try:
             with Image.open(path) as im:
@@ -73,15 +89,25 @@ def _items(split: Path, classes: list[str], where: str) -> list[tuple[Path, int]
 
 
 def scan(root: Path) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]] | None, list[str]]:
-    """(training items, validation items or None, class names) of an image folder."""
+    """(training items, validation items or None, class names) of an image folder; no class names
+    for images without class folders (no labels)."""
     train_dir = root / "train" if (root / "train").is_dir() else root
     classes = _classes(train_dir)
+    val_dir = next((root / n for n in ("val", "validation") if (root / n).is_dir()), None)
     if not classes:
-        raise UserError(f"--data {root}: no class folders found (expected {root}/train/<class>/<image> with an "
-                        f"optional {root}/val/<class>/<image>, or {root}/<class>/<image>)")
+        train = _unlabeled(train_dir, str(root))
+        if not train:
+            raise UserError(f"--data {root}: no images and no class folders found (expected {root}/train/<class>/<image> "
+                            f"with an optional {root}/val/<class>/<image>, or {root}/<class>/<image>; or, without "
+                            f"labels, {root}/<image> or {root}/train/<image> with an optional {root}/val/<image>)")
+        if train_dir == root or val_dir is None:
+            return train, None, []
+        if _classes(val_dir):
+            raise UserError(f"--data {root}: {val_dir} has class folders but {train_dir} has none: give labels for "
+                            "both splits, or for neither")
+        return train, _unlabeled(val_dir, str(root)) or None, []
     train = _items(train_dir, classes, str(root))
     val = None
-    val_dir = next((root / n for n in ("val", "validation") if (root / n).is_dir()), None)
     if train_dir != root and val_dir is not None:
         val_classes = _classes(val_dir)
         unknown = [c for c in val_classes if c not in classes]

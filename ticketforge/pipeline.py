@@ -135,7 +135,8 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
            f"{len(bundle.val)} validation samples, {classes} classes; device {device}"
            + (f"; {world} processes, each batch split {world} ways" if world > 1 else ""))
     if bundle.info.get("images"):
-        ui.log(f"image folder: {bundle.info['images']} images in {len(bundle.info['classes'])} classes, "
+        where = f"in {len(bundle.info['classes'])} classes" if bundle.labeled else "without class folders (no labels)"
+        ui.log(f"image folder: {bundle.info['images']} images {where}, "
                f"{bundle.info['cached']} decoded into memory ({bundle.info['cache_mb']} MiB) in {bundle.info['decode_seconds']} s")
     if loaded.io.get("output", "tensor") != "tensor":
         ui.log(f"model output: logits taken from {loaded.io['output']}")
@@ -171,8 +172,9 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
         state.finish()
     distributed.wait_for_all()
     lat = report.latency
-    ui.log(f"wrote {out}/: accuracy {run.dense_accuracy:.4f} -> {report.accuracy['onnx']:.4f} (ONNX), sparsity "
-           f"{report.sparsity['achieved']:.4f}, "
+    quality = (f"accuracy {run.dense_accuracy:.4f} -> {report.accuracy['onnx']:.4f} (ONNX)" if report.accuracy
+               else f"top-1 agreement with the dense model {report.agreement['onnx']:.4f} (ONNX, no labels)")
+    ui.log(f"wrote {out}/: {quality}, sparsity {report.sparsity['achieved']:.4f}, "
            + ", ".join(f"{r['backend']} batch {r['batch']} {latency.describe(r)}" for r in lat))
     failed = [c["name"] for c in report.gate["checks"] if not c["passed"]]
     if report.gate["checks"]:
@@ -185,14 +187,30 @@ def _plain(obj):
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
-def _deployed_accuracy(run: steps.Run) -> dict:
-    """Accuracy of each file built beyond model.onnx, under the gate's names for them."""
+def _deployed(run: steps.Run, key: str) -> dict:
+    """Accuracy or agreement (`key`) of each file built beyond model.onnx, under the gate's names for them."""
     out = {}
     if "quantize" in run.deploy:
-        out[run.recipe.export.quantize] = run.deploy["quantize"]["accuracy"]
-    if "tensorrt" in run.deploy:
+        out[run.recipe.export.quantize] = run.deploy["quantize"][key]
+    if "tensorrt" in run.deploy and key == "accuracy":
         out["engine"] = run.deploy["tensorrt"]["accuracy"]
     return out
+
+
+def _quality(run: steps.Run) -> dict:
+    """The report's `accuracy` and `agreement` sections. Without labels the torch evaluations were
+    made against the dense model's top-1 (data.label_with_dense): they are agreements, and there is
+    no accuracy."""
+    m = run.measured
+    agreement = {"onnx": m["onnx_agreement"], **_deployed(run, "agreement")}
+    if not run.bundle.labeled:
+        engine = _deployed(run, "accuracy").get("engine")  # its evaluation used the dense model's top-1 too
+        return {"agreement": {**agreement, "compressed": run.accuracy, "before_finetune": run.accuracy_before,
+                              **({"engine": engine} if engine is not None else {})}}
+    return {"accuracy": {"dense": run.dense_accuracy, "compressed": run.accuracy, "onnx": m["onnx_accuracy"],
+                         "dense_onnx": m["dense_onnx_accuracy"], "before_finetune": run.accuracy_before,
+                         **_deployed(run, "accuracy")},
+            "agreement": agreement}
 
 
 def build_report(job: Job, run: steps.Run, runner: Runner, classes: int, key: str) -> Report:
@@ -209,6 +227,7 @@ def build_report(job: Job, run: steps.Run, runner: Runner, classes: int, key: st
                   **({"hf_class": type(run.dense_copy).__name__} if run.loaded.hf_config else {})},
         "data": {"spec": run.bundle.spec, "train": len(run.bundle.train), "val": len(run.bundle.val),
                  "input_shape": list(run.bundle.input_shape), "inputs": run.bundle.inputs, "classes": classes,
+                 "labels": run.bundle.labeled,
                  **({"image_folder": {k: v for k, v in run.bundle.info.items() if k != "classes"}}
                     if run.bundle.info else {})},
         "search": _plain(found.info),
@@ -223,9 +242,7 @@ def build_report(job: Job, run: steps.Run, runner: Runner, classes: int, key: st
                     if m["dense"]["macs"] is None or m["compressed"]["macs"] is None else {})},
         "size_mb": {"dense": m["dense"]["size_mb"], "compressed": m["compressed"]["size_mb"]},
         "size": m["size"],
-        "accuracy": {"dense": run.dense_accuracy, "compressed": run.accuracy, "onnx": m["onnx_accuracy"],
-                     "dense_onnx": m["dense_onnx_accuracy"], "before_finetune": run.accuracy_before,
-                     **_deployed_accuracy(run)},
+        **_quality(run),
         "parity": m["parity"]["max"],
         "parity_mean": m["parity"]["mean"],
         "parity_samples": m["parity"]["samples"],
@@ -233,7 +250,10 @@ def build_report(job: Job, run: steps.Run, runner: Runner, classes: int, key: st
         **({"budget": m["budget"]} if "budget" in m else {}),
         "latency_env": latency.environment("CPUExecutionProvider", m["timing"].threads),
         "timings": {k: round(v, 3) for k, v in runner.timings.items()},
-        "notes": run.notes,
+        "notes": run.notes + ([] if run.bundle.labeled else [
+            f"data without labels: every training was pure distillation from the dense model (finetune.distill 1, "
+            f"not {recipe.finetune.distill:g}; temperature {recipe.finetune.distill_temperature:g}), and accuracy is "
+            "top-1 agreement with the dense model (report.json: agreement)"]),
         **({"structure": {run.structure.name: m["structure"]}} if m["structure"] else {}),
         **({"sanity": {**run.sanity, "ticket": run.accuracy}} if run.sanity else {}),
         **run.deploy,

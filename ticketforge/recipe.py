@@ -108,6 +108,12 @@ class FinetuneConfig:
     weight_decay: float = opt(5e-4, "weight decay", lo=0.0)
     grad_clip: float = opt(2.0, "gradient-norm clip (0: off)", lo=0.0)
     bn_recalibrate: bool = opt(True, "re-estimate BatchNorm statistics after every mask change")
+    distill: float = opt(0.5, "weight w of distillation from the dense model in every fine-tune and ticket retraining "
+                         "(IMP rounds, the rest of a rewind schedule): loss = (1 - w) CE + w T^2 KL(dense || ticket), "
+                         "T = distill_temperature; 0: labels only. Data without labels always uses 1. Default measured "
+                         "in docs/distillation.md", lo=0.0, hi=1.0)
+    distill_temperature: float = opt(2.0, "distillation temperature T: both models' logits are divided by it before "
+                                     "the softmax", lo=0.0, lo_open=True)
 
 
 @dataclass
@@ -157,7 +163,9 @@ class ValidateConfig:
 
 @dataclass
 class GateConfig:
-    max_accuracy_drop: Optional[float] = opt(None, "dense accuracy minus exported ONNX accuracy, at most")
+    max_accuracy_drop: Optional[float] = opt(None, "dense accuracy minus exported ONNX accuracy, at most; for data "
+                                             "without labels, 1 minus the exported model's top-1 agreement with "
+                                             "dense.onnx")
     min_speedup: Optional[float] = opt(None, "speed-up over dense, at least, checked on the low end of its 95% "
                                        "interval (every backend and batch, or gate.batch)")
     max_latency_ms: Optional[float] = opt(None, "latency of the exported model, at most, checked on the high end of "

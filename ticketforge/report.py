@@ -7,11 +7,7 @@ from pathlib import Path
 
 from ticketforge import budget, gate, report_html, sanity, structures
 from ticketforge.latency import describe
-from ticketforge.report_schema import Report, macs_text
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
+from ticketforge.report_schema import Report, macs_text, pct as _pct, quality_rows
 
 
 def _mb(n: int) -> str:
@@ -62,7 +58,7 @@ def _latency_lines(r: Report) -> list[str]:
 
 
 def to_markdown(r: Report) -> str:
-    acc, sp = r.accuracy, r.sparsity
+    sp = r.sparsity
     lines = [
         f"# ticketforge report: {r.recipe['name']}",
         "",
@@ -77,8 +73,7 @@ def to_markdown(r: Report) -> str:
         "",
         "| | dense | compressed |",
         "|---|---:|---:|",
-        f"| accuracy (torch) | {_pct(acc['dense'])} | {_pct(acc['compressed'])} |",
-        f"| accuracy (ONNX Runtime, exported) | {_pct(acc.get('dense_onnx'))} | {_pct(acc['onnx'])} |",
+        *(f"| {label} | {dense} | {compressed} |" for label, dense, compressed in quality_rows(r)),
         f"| non-zero parameters | {r.params['dense']:,} | {r.params['compressed']:,} |",
         f"| MACs per sample | {macs_text(r.macs['dense'], r.macs)} | {macs_text(r.macs['compressed'], r.macs)} |",
         *_size_rows(r),
@@ -93,8 +88,10 @@ def to_markdown(r: Report) -> str:
         ops = ", ".join(f"{n} {k}" for k, n in q.get("quantized_ops", {}).items())
         size = (f"{_mb(q['size']['bytes'])} on disk, {_mb(q['size']['gzip_bytes'])} gzipped"
                 f"{_stored(q.get('storage'))}" if q.get("size") else f"{q['size_mb']:.3f} MB")
-        lines += ["", f"Quantized `{q['file']}` ({q['format']}{', ' + ops if ops else ''}): accuracy "
-                  f"{_pct(q['accuracy'])} in ONNX Runtime, {size}."]
+        quality = (f"accuracy {_pct(q['accuracy'])}, " if q.get("accuracy") is not None else "") + (
+            f"top-1 agreement with dense.onnx {_pct(q['agreement'])}" if q.get("agreement") is not None else "")
+        lines += ["", f"Quantized `{q['file']}` ({q['format']}{', ' + ops if ops else ''}): "
+                  f"{quality.rstrip(', ')} in ONNX Runtime, {size}."]
     trt = r.tensorrt
     if trt:
         lines += ["", f"TensorRT `{trt['file']}` ({', '.join(trt['precisions'])}): accuracy {_pct(trt['accuracy'])}; "

@@ -8,7 +8,7 @@ import io
 
 from ticketforge import budget, gate
 from ticketforge.latency import describe
-from ticketforge.report_schema import Report, macs_text
+from ticketforge.report_schema import Report, macs_text, pct as _pct, quality_rows
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -19,10 +19,6 @@ th:first-child,td:first-child{text-align:left} th{background:#f6f6f6}
 .pass{background:#e6f4ea;color:#1e6b34} .fail{background:#fce8e6;color:#a50e0e} .none{background:#f1f3f4;color:#555}
 td.fail{background:none;font-weight:600} img{max-width:100%}
 """
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
 
 
 def _table(head: list[str], rows: list[list], classes: list[str] | None = None) -> str:
@@ -82,6 +78,7 @@ def _latency_plot(rows: list[dict]) -> str:
 
 
 def render(r: Report) -> str:
+
     acc, sp = r.accuracy, r.sparsity
     g = r.gate
     if not g["checks"]:
@@ -91,8 +88,7 @@ def render(r: Report) -> str:
         banner = (f'<div class="banner {"pass" if g["passed"] else "fail"}">Gate: '
                   f'{"PASSED" if g["passed"] else "FAILED"} ({nfail} of {len(g["checks"])} checks failed)</div>')
     summary = [
-        ["accuracy (torch)", _pct(acc["dense"]), _pct(acc["compressed"])],
-        ["accuracy (ONNX Runtime, exported)", _pct(acc.get("dense_onnx")), _pct(acc["onnx"])],
+        *quality_rows(r),
         ["non-zero parameters", f"{r.params['dense']:,}", f"{r.params['compressed']:,}"],
         ["MACs per sample", macs_text(r.macs['dense'], r.macs), macs_text(r.macs['compressed'], r.macs)],
         ["model.onnx size", f"{r.size_mb['dense']:.3f} MB", f"{r.size_mb['compressed']:.3f} MB"],
@@ -101,8 +97,10 @@ def render(r: Report) -> str:
         ["sparsity of prunable weights", "-", f"{_pct(sp['achieved'])} (target {_pct(sp['target'])})"],
     ]
     for key in ("int8", "fp16", "engine"):
-        if acc.get(key) is not None:
+        if acc is not None and acc.get(key) is not None:
             summary.append([f"accuracy ({gate.EXPORTED[key]})", "-", _pct(acc[key])])
+        elif acc is None and (r.agreement or {}).get(key) is not None:
+            summary.append([f"top-1 agreement with dense ({gate.EXPORTED[key]})", "-", _pct(r.agreement[key])])
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>ticketforge report: "
         f"{html.escape(r.recipe['name'])}</title><style>{CSS}</style></head><body>",

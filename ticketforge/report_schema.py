@@ -27,13 +27,19 @@ class Report:
     params: dict                 # dense / compressed non-zero parameters and weights, from the ONNX files
     macs: dict                   # dense / compressed, from the ONNX graphs
     size_mb: dict                # dense / compressed file sizes
-    accuracy: dict               # dense (torch), compressed (torch), onnx, dense_onnx, before_finetune, int8, ...
     parity: float                # largest torch-vs-ONNX logit difference
     latency: list[dict]          # one row per backend and batch, with speedup_ci
     timings: dict                # seconds per step
     notes: list[str] = field(default_factory=list)
     run: dict = field(default_factory=dict)
     gate: dict = field(default_factory=lambda: {"passed": True, "checks": []})
+    # dense (torch), compressed (torch), onnx, dense_onnx, before_finetune, int8, ...; None (left out of
+    # report.json) for data without labels, where `agreement` is what there is
+    accuracy: dict | None = None
+    # top-1 agreement with the dense model on the validation split: onnx (model.onnx against dense.onnx),
+    # int8 / fp16 (against dense.onnx); without labels also compressed and before_finetune (torch, against
+    # the dense torch model) and engine
+    agreement: dict | None = None
     parity_mean: float | None = None
     parity_samples: int | None = None
     size: dict | None = None         # bytes and gzip bytes, sparse storage
@@ -72,3 +78,22 @@ class Report:
 def macs_text(value, section: dict) -> str:
     """A MAC count, or "unknown (why)": a count that could not be made is never shown as 0."""
     return f"{value:,}" if value is not None else f"unknown ({section.get('unknown', 'not counted')})"
+
+
+def pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def quality_rows(r: Report) -> list[list[str]]:
+    """The summary's accuracy rows (label, dense, compressed): accuracy where the data has labels, and
+    top-1 agreement with the dense model (all there is without labels)."""
+    acc, agree = r.accuracy, r.agreement or {}
+    rows = []
+    if acc is not None:
+        rows += [["accuracy (torch)", pct(acc["dense"]), pct(acc["compressed"])],
+                 ["accuracy (ONNX Runtime, exported)", pct(acc.get("dense_onnx")), pct(acc["onnx"])]]
+    else:
+        rows.append(["top-1 agreement with dense, no labels (torch)", pct(1.0), pct(agree.get("compressed"))])
+    if agree.get("onnx") is not None:
+        rows.append(["top-1 agreement with dense.onnx (ONNX Runtime, exported)", pct(1.0), pct(agree["onnx"])])
+    return rows

@@ -56,17 +56,18 @@ def variants(model: nn.Module, mask: Mask, scores: dict | None, fresh, seed: int
 
 
 def run(model: nn.Module, mask: Mask, scores: dict | None, fresh, recipe: Recipe, schedule: Schedule,
-        structure: Structure, bundle: DataBundle, device: torch.device, seed: int = 0, ui: UI = SILENT) -> dict:
+        structure: Structure, bundle: DataBundle, device: torch.device, seed: int = 0, ui: UI = SILENT,
+        teacher: nn.Module | None = None) -> dict:
     """Train every variant exactly as the ticket is trained (finetune.fit: the same schedule, BatchNorm
-    re-estimation and the structure's training hook). `model` holds the weights the ticket starts
-    fine-tuning from (it is not changed)."""
+    re-estimation, the structure's training hook and distillation from `teacher`). `model` holds the
+    weights the ticket starts fine-tuning from (it is not changed)."""
     built, skipped = variants(model, mask, scores, fresh, seed)
     results = {}
     for name, (net, m) in built.items():
         ui.log(f"sanity check: {name} ticket ({m.kept:,} of {m.total:,} weights kept)")
         tuned = finetune.fit(net, m, schedule, bundle, device, seed=seed,
                              bn_recalibrate=recipe.finetune.bn_recalibrate, mask_scale=structure.mask_scale(recipe),
-                             ui=ui, desc=f"sanity: {name}")
+                             ui=ui, desc=f"sanity: {name}", teacher=teacher)
         results[name] = {"accuracy": tuned.accuracy, "kept": m.kept,
                          "per_layer_density": {k: float(v.float().mean()) for k, v in m.items()}}
     return {"variants": results, "skipped": skipped, "epochs": schedule.epochs}

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ticketforge import distributed, finetune, hf, sparse_storage, structures, ticket, validate
-from ticketforge import export as export_mod
+from ticketforge import data as data_mod, export as export_mod
 from ticketforge.data import DataBundle, loader
 from ticketforge.errors import VerificationError
 from ticketforge.finetune import Schedule
@@ -54,6 +54,7 @@ class Run:
     accuracy: float | None = None     # the converted torch model's
     measured: dict = field(default_factory=dict)
     deploy: dict = field(default_factory=dict)
+    _teacher: nn.Module | None = None
 
     def val_loader(self):
         return loader(self.bundle.val, 256)
@@ -64,7 +65,23 @@ class Run:
     @property
     def schedule(self) -> Schedule:
         """How the ticket is trained: the search's say, else the recipe's `finetune` section."""
-        return self.found.schedule if self.found.schedule is not None else Schedule.finetune(self.recipe)
+        if self.found.schedule is not None:
+            return self.found.schedule
+        return Schedule.finetune(self.recipe, labeled=self.bundle.labeled)
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The untouched dense model on `device`, which training distills from; None when no training
+        does (finetune.distill 0 on labeled data), so that no copy is made."""
+        if self.bundle.labeled and self.recipe.finetune.distill == 0:
+            return None
+        if self._teacher is None:
+            from ticketforge import device as device_mod
+
+            same = self.device.type == "cpu"  # dense_copy lives on the CPU: used as it is there
+            self._teacher = (self.dense_copy if same else
+                             device_mod.to_device(copy.deepcopy(self.dense_copy), self.device)).eval()
+        return self._teacher
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple]:
@@ -83,13 +100,21 @@ def _mask_state(mask: Mask | None):
 
 def dense(run: Run) -> dict:
     run.dense_accuracy = finetune.evaluate(run.model, run.val_loader(), run.device)
-    run.ui.log(f"dense model: validation accuracy {run.dense_accuracy:.4f}")
+    _dense_log(run)
     return {"accuracy": run.dense_accuracy}
+
+
+def _dense_log(run: Run) -> None:
+    if run.bundle.labeled:
+        run.ui.log(f"dense model: validation accuracy {run.dense_accuracy:.4f}")
+    else:
+        run.ui.log("data without labels: the dense model is the teacher (pure distillation), and accuracy is "
+                   "top-1 agreement with it")
 
 
 def _restore_dense(run: Run, saved: dict) -> None:
     run.dense_accuracy = saved["accuracy"]
-    run.ui.log(f"dense model: validation accuracy {run.dense_accuracy:.4f}")
+    _dense_log(run)
 
 
 # ---------------------------------------------------------------- search
@@ -110,7 +135,8 @@ def search_step(run: Run) -> dict | None:
     _search_log(run)
     planned = _plan_budget(run)
     ctx = SearchContext(model=run.model, loaded=run.loaded, data=run.bundle, recipe=run.recipe, device=run.device,
-                        seed=run.seed, ui=run.ui, workdir=run.state.subdir("search") if run.state else None)
+                        seed=run.seed, ui=run.ui, workdir=run.state.subdir("search") if run.state else None,
+                        teacher=run.teacher)
     found = structures.find_ticket(ctx)
     notes = found.info.get("notes", []) + planned.pop("notes", [])
     found.info.update(planned, **({"notes": notes} if notes else {}))
@@ -149,7 +175,7 @@ def sanity_step(run: Run) -> dict:
     from ticketforge import sanity
 
     run.sanity = sanity.run(run.model, run.mask, run.found.scores, run.loaded.fresh, run.recipe, run.schedule,
-                            run.structure, run.bundle, run.device, run.seed, run.ui)
+                            run.structure, run.bundle, run.device, run.seed, run.ui, teacher=run.teacher)
     return run.sanity
 
 
@@ -166,7 +192,7 @@ def _wants_sanity(run: Run) -> bool:
 def finetune_step(run: Run) -> dict:
     tuned = finetune.fit(run.model, run.mask, run.schedule, run.bundle, run.device, seed=run.seed,
                          bn_recalibrate=run.recipe.finetune.bn_recalibrate,
-                         mask_scale=run.structure.mask_scale(run.recipe), ui=run.ui)
+                         mask_scale=run.structure.mask_scale(run.recipe), ui=run.ui, teacher=run.teacher)
     run.accuracy_before = tuned.accuracy_before
     return {"model": _cpu_state(run.model), "accuracy_before": tuned.accuracy_before, "mask": _mask_state(run.mask)}
 
@@ -184,7 +210,8 @@ def convert_step(run: Run) -> None:
     conv.model.eval()
     run.converted = conv
     run.accuracy = finetune.evaluate(conv.model, run.val_loader(), run.device)
-    run.ui.log(f"ticket: accuracy {run.accuracy_before:.4f} before fine-tuning, {run.accuracy:.4f} after")
+    what = "accuracy" if run.bundle.labeled else "agreement with the dense model"
+    run.ui.log(f"ticket: {what} {run.accuracy_before:.4f} before fine-tuning, {run.accuracy:.4f} after")
     digest = distributed.check_identical(conv.mask, "final mask") if conv.mask is not None else None
     if distributed.world_size() > 1 and digest:
         run.ui.log(f"mask identical on all {distributed.world_size()} processes (sha256 {digest[:12]})")
@@ -265,8 +292,15 @@ def measure(run: Run) -> None:
     m = run.measured
     m["parity"] = par
     m["structure"] = run.structure.verify(out / "model.onnx", out / "dense.onnx", run.converted, recipe) or {}
-    m["onnx_accuracy"] = validate.onnx_accuracy(out / "model.onnx", run.bundle.val)
-    m["dense_onnx_accuracy"] = validate.onnx_accuracy(out / "dense.onnx", run.bundle.val)
+    # One pass of each file over the validation split: accuracy (where there are labels) and top-1
+    # agreement of model.onnx with dense.onnx (always; without labels it is the accuracy that counts)
+    preds, dense_preds, labels = (validate.onnx_predictions(out / "model.onnx", run.bundle.val),
+                                  validate.onnx_predictions(out / "dense.onnx", run.bundle.val),
+                                  data_mod.labels_of(run.bundle.val).numpy())
+    m["onnx_agreement"] = validate.agreement(preds, dense_preds)
+    if run.bundle.labeled:
+        m["onnx_accuracy"] = validate.agreement(preds, labels)
+        m["dense_onnx_accuracy"] = validate.agreement(dense_preds, labels)
     sample = run.bundle.example(1)[0].numpy()  # MACs are counted on a real sample (ticketforge.macs)
     m["dense"], m["compressed"] = (validate.onnx_stats(out / "dense.onnx", sample),
                                    validate.onnx_stats(out / "model.onnx", sample))
@@ -320,5 +354,7 @@ def start(recipe: Recipe, structure: Structure, loaded: LoadedModel, bundle: Dat
 
     dense_copy = copy.deepcopy(loaded.model).eval()
     model = device_mod.to_device(loaded.model, device).eval()
+    if not bundle.labeled:
+        data_mod.label_with_dense(bundle, model, device)
     return Run(recipe=recipe, structure=structure, loaded=loaded, bundle=bundle, device=device, seed=seed, ui=ui,
                model=model, dense_copy=dense_copy)

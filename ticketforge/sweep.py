@@ -56,12 +56,20 @@ def pareto(points: list[tuple[float, float]]) -> list[bool]:
     return [not any(c2 <= c and a2 >= a and (c2 < c or a2 > a) for c2, a2 in points) for c, a in points]
 
 
+def _accuracy(report: Report) -> tuple[float, float]:
+    """(model.onnx, dense.onnx) accuracy; without labels, top-1 agreement with dense.onnx (dense: 1)."""
+    if report.accuracy is None:
+        return report.agreement["onnx"], 1.0
+    return report.accuracy["onnx"], report.accuracy["dense_onnx"]
+
+
 def row(report: Report) -> dict:
     lat = min(report.latency, key=lambda r: r["batch"])  # the smallest batch: interactive latency
+    acc, dense = _accuracy(report)
     return {
         "sparsity": round(report.sparsity["achieved"], 4),
-        "accuracy": round(report.accuracy["onnx"], 4),
-        "accuracy_drop": round(report.accuracy["dense_onnx"] - report.accuracy["onnx"], 4),
+        "accuracy": round(acc, 4),
+        "accuracy_drop": round(dense - acc, 4),
         "latency_ms": lat["compressed_ms"],
         "latency_batch": lat["batch"],
         "speedup": lat["speedup"],
@@ -72,7 +80,7 @@ def row(report: Report) -> dict:
 
 def dense_row(report: Report) -> dict:
     lat = min(report.latency, key=lambda r: r["batch"])
-    return {"target": None, "sparsity": 0.0, "accuracy": round(report.accuracy["dense_onnx"], 4),
+    return {"target": None, "sparsity": 0.0, "accuracy": round(_accuracy(report)[1], 4),
             "accuracy_drop": 0.0, "latency_ms": lat["dense_ms"], "latency_batch": lat["batch"], "speedup": 1.0,
             "size_mb": round(report.size_mb["dense"], 4), "params_nonzero": report.params["dense"]}
 

@@ -43,14 +43,21 @@ def feed(path: str | Path, x) -> dict[str, np.ndarray]:
     return inputs([i.name for i in graph.input if i.name not in weights], x)
 
 
-def onnx_accuracy(path: str | Path, ds: Dataset, batch_size: int = 256) -> float:
+def onnx_predictions(path: str | Path, ds: Dataset, batch_size: int = 256) -> np.ndarray:
+    """Top-1 class of the ONNX model at `path` for every sample of `ds`, in order."""
     sess = session(path)
-    correct = total = 0
-    for x, y in loader(ds, batch_size):
-        pred = run(sess, x).argmax(1)
-        correct += int((pred == y.numpy()).sum())
-        total += len(y)
-    return correct / max(total, 1)
+    return np.concatenate([run(sess, x).argmax(1) for x, _ in loader(ds, batch_size)])
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Fraction of positions where two label arrays agree (accuracy, when one holds the labels)."""
+    return float((np.asarray(a) == np.asarray(b)).mean()) if len(a) else 0.0
+
+
+def onnx_accuracy(path: str | Path, ds: Dataset, batch_size: int = 256) -> float:
+    from ticketforge.data import labels_of
+
+    return agreement(onnx_predictions(path, ds, batch_size), labels_of(ds).numpy())
 
 
 @torch.no_grad()

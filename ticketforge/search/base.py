@@ -29,6 +29,17 @@ class SearchContext:
     # Where a long method keeps per-step results to resume from. Under torchrun every rank reads
     # it (a shared file system) and only rank 0 writes (ticketforge.distributed.is_main()).
     workdir: Path | None = None
+    # The dense model as loaded, on `device`, never trained: what retraining a ticket distills from
+    # (finetune.distill), and the only target there is for data without labels.
+    teacher: nn.Module | None = None
+
+    def teacher_kwargs(self, schedule: Schedule, dense_training: bool = False) -> dict:
+        """finetune.train()'s teacher arguments under `schedule`. Dense training from a fresh init (to
+        a rewind point, IMP's round 0) learns from the labels, as the papers train; without labels
+        it distills like everything else."""
+        if dense_training and self.data.labeled:
+            return {}
+        return schedule.teacher_kwargs(self.teacher)
 
     def train_loader(self, batch_size: int | None = None, shuffle: bool = True):
         return loader(self.data.train, batch_size or self.recipe.search.batch_size, shuffle=shuffle,

@@ -87,7 +87,7 @@ class _Trainer:
                 raise UserError(f"recipe: IMP with learning-rate rewinding replays the last search.epochs ({epochs}) "
                                 f"of the train schedule's train.epochs ({tr.epochs}); raise train.epochs or lower "
                                 "search.epochs")
-            schedule = Schedule.rest_of_training(ctx.recipe, tr.epochs - epochs)
+            schedule = Schedule.rest_of_training(ctx.recipe, tr.epochs - epochs, labeled=ctx.data.labeled)
         self.schedule = schedule
         self.kw = schedule.train_kwargs()
         self.batch_size = schedule.batch_size
@@ -97,7 +97,8 @@ class _Trainer:
         with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
             torch.manual_seed(round_seed(ctx.seed, r))
             data = loader(ctx.data.train, self.batch_size, shuffle=True, seed=round_seed(ctx.seed, r))
-            finetune.train(model, data, device=ctx.device, mask=mask, ui=ctx.ui, desc=desc, **self.kw)
+            finetune.train(model, data, device=ctx.device, mask=mask, ui=ctx.ui, desc=desc, **self.kw,
+                           **ctx.teacher_kwargs(self.schedule, dense_training=mask is None))
         return finetune.evaluate(model, loader(ctx.data.val, 256), ctx.device)
 
 

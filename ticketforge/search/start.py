@@ -48,7 +48,7 @@ def steps_per_epoch(ctx: SearchContext) -> int:
 def rest_of_training(ctx: SearchContext, start_step: int) -> Schedule:
     """The `train` schedule from optimizer step `start_step` to its end."""
     epoch, within = divmod(start_step, steps_per_epoch(ctx))
-    return Schedule.rest_of_training(ctx.recipe, epoch, within)
+    return Schedule.rest_of_training(ctx.recipe, epoch, within, labeled=ctx.data.labeled)
 
 
 def rewind_step(ctx: SearchContext) -> int:
@@ -79,11 +79,14 @@ def starting_point(ctx: SearchContext) -> StartPoint:
     k = rewind_step(ctx)
     spe = steps_per_epoch(ctx)
     info = {"start": "rewind", "rewind_step": k, "rewind_epochs": k / spe, "train_epochs": tr.epochs}
+    schedule = rest_of_training(ctx, k)
     if k:
         data = loader(ctx.data.train, tr.batch_size, shuffle=True, seed=ctx.seed)
         finetune.train(model, data, epochs=-(-k // spe), max_steps=k, lr=tr.lr, device=ctx.device, optimizer="sgd",
                        momentum=tr.momentum, weight_decay=tr.weight_decay, total_epochs=tr.epochs,
                        grad_clip=ctx.recipe.finetune.grad_clip, ui=ctx.ui,
-                       desc=f"rewind: train {k} of {tr.epochs * spe} steps")
+                       desc=f"rewind: train {k} of {tr.epochs * spe} steps",
+                       distill_temperature=schedule.distill_temperature,
+                       **ctx.teacher_kwargs(schedule, dense_training=True))
     model.eval()
-    return StartPoint(model=model, schedule=rest_of_training(ctx, k), info=info)
+    return StartPoint(model=model, schedule=schedule, info=info)
