@@ -31,8 +31,9 @@ class NM(Structure):
         super().check(recipe)
         p = self.pattern
         if recipe.search.sparsity != 1 - self.density:
-            raise UserError(f"recipe key 'search.sparsity': {p} keeps {p.n} of every {p.m} weights in each eligible "
-                            f"layer, so it must be {1 - self.density:g}, got {recipe.search.sparsity:g}")
+            raise UserError(f"recipe keys 'convert.structure' ({self.name}) and 'search.sparsity': {p} keeps {p.n} of "
+                            f"every {p.m} weights in each eligible layer, so search.sparsity must be "
+                            f"{1 - self.density:g}, got {recipe.search.sparsity:g}")
 
     def budget(self, recipe) -> str:
         from ticketforge import budget
