@@ -304,3 +304,47 @@ def test_report_says_where_the_search_stopped():
     assert "stopped at step 40 of at most 66: its top-k set had converged" in report.to_markdown(r)
     r.search["stop"]["reason"] = "cap"
     assert "stopped at step 40 of at most 66: the cap" in report.to_markdown(r)
+
+
+# ---------------------------------------------------------------- rewind point by accuracy
+def _scripted_accuracy(monkeypatch, reference, curve):
+    """finetune.evaluate as start.py sees it: the trained model's accuracy first, then `curve` (the
+    fresh network at step 0, then at every check)."""
+    from ticketforge.search import start as start_mod
+    seq = iter([reference, *curve])
+    monkeypatch.setattr(start_mod.finetune, "evaluate", lambda *a, **k: next(seq))
+
+
+def test_rewind_by_accuracy_stops_where_the_teacher_reaches_the_threshold(make_ctx, monkeypatch):
+    # 64 samples / batch 16: 4 steps an epoch, 8 in the schedule; a check every step
+    _scripted_accuracy(monkeypatch, 0.8, [0.1, 0.2, 0.3, 0.45, 0.5, 0.7, 0.9, 0.9, 0.9])
+    sp = starting_point(make_ctx(["search.start=rewind", "train.rewind_accuracy=0.6", "train.rewind_check=1"]))
+    # 0.6 x 0.8 = 0.48: first reached at the 4th check (0.5), step 4
+    assert sp.info["rewind_step"] == 4 and sp.info["rewind_accuracy"] == 0.5
+    assert sp.info["rewind_accuracy_target"] == pytest.approx(0.48)
+    assert (sp.schedule.start_epoch, sp.schedule.start_step, sp.schedule.epochs) == (1, 0, 1)
+    monkeypatch.undo()
+    fixed = starting_point(make_ctx(["search.start=rewind", "train.rewind_steps=4"]))
+    for (n, a), b in zip(sp.model.state_dict().items(), fixed.model.state_dict().values()):
+        assert torch.equal(a, b), n  # the same weights as rewinding to that step directly
+
+
+def test_rewind_by_accuracy_checks_every_rewind_check_steps(make_ctx, monkeypatch):
+    _scripted_accuracy(monkeypatch, 1.0, [0.0, 0.2, 0.9])
+    sp = starting_point(make_ctx(["search.start=rewind", "train.rewind_accuracy=0.5", "train.rewind_check=3"]))
+    assert sp.info["rewind_step"] == 6
+
+
+def test_rewind_by_accuracy_never_reached_stops_before_the_end(make_ctx, monkeypatch):
+    _scripted_accuracy(monkeypatch, 1.0, [0.0] * 20)
+    sp = starting_point(make_ctx(["search.start=rewind", "train.rewind_accuracy=0.99", "train.rewind_check=1"]))
+    assert sp.info["rewind_step"] == 7 and sp.schedule.start_step == 3 and sp.schedule.epochs == 1
+
+
+def test_rewind_by_accuracy_already_met_at_init_trains_nothing(make_ctx, monkeypatch):
+    _scripted_accuracy(monkeypatch, 0.5, [0.5])
+    ctx = make_ctx(["search.start=rewind", "train.rewind_accuracy=0.5"])
+    sp = starting_point(ctx)
+    init = starting_point(make_ctx(["search.start=init"]))
+    assert sp.info["rewind_step"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(sp.model.state_dict().values(), init.model.state_dict().values()))

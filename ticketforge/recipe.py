@@ -83,6 +83,12 @@ class TrainConfig:
     rewind_epochs: float = opt(1.0, "rewind: epochs of dense training before the search", lo=0.0)
     rewind_steps: int = opt(0, "rewind: optimizer steps of dense training before the search; overrides "
                             "rewind_epochs when > 0 (rewinding to an iteration, as open_lth does)", lo=0)
+    rewind_accuracy: float = opt(0.0, "rewind: instead of a fixed point, rewind to the first step where the network's "
+                                 "validation accuracy reaches this fraction of the given trained model's (checked "
+                                 "every rewind_check steps); 0: off (rewind_steps / rewind_epochs decide)",
+                                 lo=0.0, hi=1.0)
+    rewind_check: int = opt(0, "rewind_accuracy: optimizer steps between accuracy checks (0: an eighth of an epoch)",
+                            lo=0)
     lr: float = opt(0.1, "SGD learning rate", lo=0.0, lo_open=True)
     batch_size: int = opt(128, "batch size", lo=1)
     momentum: float = opt(0.9, "SGD momentum", lo=0.0, hi=1.0)
