@@ -348,3 +348,76 @@ def test_rewind_by_accuracy_already_met_at_init_trains_nothing(make_ctx, monkeyp
     init = starting_point(make_ctx(["search.start=init"]))
     assert sp.info["rewind_step"] == 0
     assert all(torch.equal(a, b) for a, b in zip(sp.model.state_dict().values(), init.model.state_dict().values()))
+
+
+# ---------------------------------------------------------------- stages and per-output floors
+@pytest.mark.parametrize("total,sparsity,stages", [(28000, 0.98, 4), (28000, 0.99, 3), (1000, 0.995, 6),
+                                                    (37, 0.9, 5), (28000, 0.98, 1)])
+def test_stage_plan_falls_geometrically_and_ends_exactly_on_the_target(total, sparsity, stages):
+    from ticketforge.masks import keep_count
+    from ticketforge.search.cts import stage_plan
+    plan = stage_plan(total, sparsity, stages)
+    assert plan[-1] == keep_count(total, sparsity)
+    assert all(a > b for a, b in zip(plan, plan[1:])) and len(plan) <= stages
+    if total > 1000:
+        assert len(plan) == stages
+        assert plan[0] == round(total * (1 - sparsity) ** (1 / stages))
+
+
+def test_floor_leaves_no_output_row_empty_at_extreme_sparsity():
+    from ticketforge.search.cts import topk_with_floor
+    g = torch.Generator().manual_seed(0)
+    # a classifier whose rows 0-2 score far above the rest: plain top-k empties rows 3-9
+    cls = torch.randn(10, 640, generator=g) - 10 * (torch.arange(10) >= 3).float()[:, None]
+    conv = torch.randn(64, 64, 3, generator=g) + 2.0
+    scores = {"conv.weight": conv, "fc.weight": cls}
+    keep = round(0.01 * (conv.numel() + cls.numel()))  # 99%: 187 weights for 74 rows
+    from ticketforge.masks import global_topk
+    plain = global_topk(scores, keep)
+    assert (plain["fc.weight"].sum(1) == 0).any()  # the failure the floor prevents
+    for floor in (1, 2):
+        m = topk_with_floor(scores, keep, floor)
+        assert m.kept == keep
+        assert (m["fc.weight"].sum(1) >= floor).all() and (m["conv.weight"].reshape(64, -1).sum(1) >= floor).all()
+        # each row's floor is its own best weights
+        best = cls.topk(floor, 1).indices
+        assert m["fc.weight"].gather(1, best).all()
+
+
+def test_floor_respects_the_survivors_and_refuses_an_impossible_budget():
+    from ticketforge.masks import Mask
+    from ticketforge.search.cts import topk_with_floor
+    scores = {"a.weight": torch.arange(24.0).reshape(4, 6)}
+    allowed = Mask({"a.weight": torch.zeros(4, 6, dtype=torch.bool)})
+    allowed["a.weight"][:, :2] = True
+    allowed["a.weight"][3] = False  # a row already dead stays dead
+    m = topk_with_floor(scores, 5, 1, allowed=allowed)
+    assert m.kept == 5 and not (m["a.weight"] & ~allowed["a.weight"]).any()
+    assert (m["a.weight"][:3].sum(1) >= 1).all()
+    with pytest.raises(UserError, match="min_per_output"):
+        topk_with_floor(scores, 3, 1)
+
+
+@pytest.mark.parametrize("start", ["trained", "rewind"])
+def test_staged_cts_hits_the_sparsity_exactly_and_only_narrows(make_ctx, start, monkeypatch):
+    from ticketforge.search import cts as cts_mod
+    masks = []
+    real = cts_mod.topk_with_floor
+
+    def spy(scores, keep, per_output, allowed=None):
+        m = real(scores, keep, per_output, allowed)
+        masks.append((m, allowed))
+        return m
+    monkeypatch.setattr(cts_mod, "topk_with_floor", spy)
+    ctx = make_ctx([f"search.start={start}", "train.rewind_epochs=1", "search.steps=6", "search.sparsity=0.9",
+                    "search.stages=3", "search.stage_epochs=1", "search.min_per_output=1"])
+    res = search.run(ctx)
+    total = res.mask.total
+    assert res.mask.kept == round(0.1 * total) and len(masks) == 3
+    assert [m.kept for m, _ in masks] == cts_mod.stage_plan(total, 0.9, 3)
+    for (m, allowed) in masks[1:]:
+        assert not any((m[n] & ~allowed[n]).any() for n in m)  # a pruned weight never comes back
+    assert [r["steps"] for r in res.info["stages"]] == [2, 2, 2]  # the search length split between stages
+    assert all((m.reshape(m.shape[0], -1).sum(1) >= 1).all() for m in res.mask.values())
+    if start == "rewind":
+        assert res.schedule.start_epoch == 1  # retrained from the rewind weights, not the stage-tuned ones

@@ -60,6 +60,15 @@ class SearchConfig:
                               lo=0.0, hi=1.0, lo_open=True)
     stop_window: int = opt(5, "CTS: checks in a row the top-k set must hold", lo=1)
     check_every: int = opt(0, "CTS: steps between checks of the top-k set (0: a quarter epoch)", lo=0)
+    stages: int = opt(1, "CTS: reach the sparsity in this many stages of geometrically falling density, each a "
+                      "search among the survivors (the search length split between them) and, between stages, "
+                      "stage_epochs of fine-tuning of the surviving weights (as IMP's rounds adapt them to each cut)",
+                      lo=1)
+    stage_epochs: int = opt(1, "CTS with stages > 1: fine-tune epochs (the finetune section's optimizer and lr) "
+                            "between two stages", lo=0)
+    min_per_output: int = opt(0, "CTS: keep at least this many weights of every output unit (a conv's output "
+                              "channel, a Linear's row: no dead class, no dead stem channel), the highest-scored "
+                              "of each; the rest by global top-k", lo=0)
     sanity: bool = opt(False, "also train the sanity-check variants (shuffled, inverted, re-initialised)")
     # Budgets users think in (ticketforge.budget): each replaces sparsity / target_macs / blocks.
     target_speedup: Optional[float] = opt(None, "channels / blocks: measured speed-up of model.onnx over dense.onnx "
