@@ -57,9 +57,20 @@ from ticketforge.search import imp as imp_mod
 
 OUT = Path(__file__).parent / "results"
 FIELDS = ["data", "method", "seed", "sparsity", "accuracy", "before_finetune", "dense_accuracy", "time_s",
-          "search_s", "finetune_epochs", "search_steps", "search_max_steps", "stop_reason", "achieved_sparsity"]
+          "search_s", "finetune_epochs", "search_steps", "search_max_steps", "stop_reason", "achieved_sparsity",
+          "dense_s"]
 DEVICE = torch.device("cpu")
-METHODS = ["cts", "cts-rewind", "cts:ce", "ltr", "lrr", "magnitude", "synflow", "magnitude+time", "synflow+time"]
+METHODS = ["cts", "cts-rewind", "cts:ce", "ltr", "lrr", "magnitude", "synflow", "magnitude+time", "synflow+time",
+           # The fair protocol (issue 19): the mask, then LTR's final round (the rewind weights + the rest of the
+           # train schedule); time_s includes the dense training the mask needs (LTR's includes its own).
+           "cts/full", "cts-staged/full", "cts-staged3/full", "cts-floor/full", "cts-auto", "lamp/full"]
+FULL = {  # method -> (registry recipe name, extra overrides); the search runs on the trained dense model
+    "cts/full": ("cts", []),
+    "cts-staged/full": ("cts", ["search.stages=4", "search.stage_epochs=1"]),
+    "cts-staged3/full": ("cts", ["search.stages=3", "search.stage_epochs=2"]),
+    "cts-floor/full": ("cts", ["search.min_per_output=1"]),
+    "lamp/full": ("magnitude", ["search.scope=lamp"]),
+}
 
 
 @models.register_model("mnist1d-cnn")
@@ -102,8 +113,8 @@ DATA = {  # name -> (bundle, architecture, kwargs)
 def recipe_for(method: str, sparsity: float, args) -> recipes.Recipe:
     name, _, objective = method.partition(":")
     name = name.split("+")[0]
-    start = "rewind" if name in ("cts-rewind", "ltr") else "trained"
-    registry = {"cts-rewind": "cts", "ltr": "imp", "lrr": "imp"}.get(name, name)
+    start = "rewind" if name in ("cts-rewind", "cts-auto", "ltr") else "trained"
+    registry = {"cts-rewind": "cts", "cts-auto": "cts", "ltr": "imp", "lrr": "imp"}.get(name, name)
     base = "cts" if registry == "cts" else "magnitude" if registry != "imp" else "imp"
     items = [f"search.method={registry}", f"search.sparsity={sparsity}", f"search.start={start}",
              f"train.epochs={args.epochs}", f"train.rewind_epochs={args.rewind}", "train.lr=0.1",
@@ -111,6 +122,8 @@ def recipe_for(method: str, sparsity: float, args) -> recipes.Recipe:
              if registry == "imp" else "search.sanity=false", *args.sets]
     if objective:
         items.append(f"search.objective={objective}")
+    if name == "cts-auto":  # rewind where the network reaches args.rewind_accuracy x the dense accuracy
+        items.append(f"train.rewind_accuracy={args.rewind_accuracy}")
     if registry == "magnitude":
         items.append("search.scope=global")  # the baseline these rows measured (LAMP: bench/magnitude_scope.py)
     return recipes.resolve(base, items)
@@ -122,12 +135,52 @@ def context(model, arch, kwargs, bundle, recipe, seed) -> SearchContext:
 
 
 def dense_model(arch, kwargs, bundle, seed, args):
-    torch.manual_seed(seed)
-    model = models.build(arch, kwargs)
+    """The dense network, trained exactly as LTR's round 0 trains it (the same init, data order and
+    schedule, through search.start=rewind): its weights at the rewind point are what the `/full`
+    rows retrain their tickets from, as LTR's rounds do."""
+    from ticketforge.search import start as start_mod
+    recipe = recipe_for("ltr", 0.9, args)
+    ctx = context(models.build(arch, kwargs), arch, kwargs, bundle, recipe, seed)
     t = time.perf_counter()
-    finetune.train(model, loader(bundle.train, 128, shuffle=True, seed=seed), epochs=args.epochs, lr=0.1,
-                   device=DEVICE)
-    return model.eval(), finetune.evaluate(model, loader(bundle.val, 256), DEVICE), time.perf_counter() - t
+    sp = start_mod.starting_point(ctx)
+    rewind_state = copy.deepcopy(sp.model.state_dict())
+    kw = sp.schedule.train_kwargs()
+    finetune.train(sp.model, loader(bundle.train, sp.schedule.batch_size, shuffle=True, seed=round_seed(seed)),
+                   device=DEVICE, **kw)
+    model = sp.model.eval()
+    return model, finetune.evaluate(model, loader(bundle.val, 256), DEVICE), time.perf_counter() - t, \
+        (rewind_state, sp.schedule)
+
+
+def round_seed(seed):
+    return imp_mod.round_seed(seed, 0)  # LTR's round 0 (its dense training) draws from this stream
+
+
+def full_protocol(method, sparsity, dense, rewind, arch, kwargs, bundle, seed, args, dense_s) -> dict:
+    """The mask of `method` found on the trained dense model, then LTR's final round: the rewind
+    weights, the mask, the rest of the train schedule (BN re-estimated first)."""
+    registry, extra = FULL[method]
+    base = recipe_for(registry, sparsity, args)
+    recipe = recipes.resolve("cts" if registry == "cts" else "magnitude",
+                             [f"search.method={registry}", f"search.sparsity={sparsity}", "search.start=trained",
+                              "search.sanity=false", *args.sets, *extra])
+    model = copy.deepcopy(dense)
+    ctx = context(model, arch, kwargs, bundle, recipe, seed)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    found = search.run(ctx)
+    t1 = time.perf_counter()
+    state, schedule = rewind
+    ticket = copy.deepcopy(dense)
+    ticket.load_state_dict(state)
+    acc = finetune.fit(ticket, found.mask, schedule, bundle, DEVICE, seed=seed,
+                       bn_recalibrate=base.finetune.bn_recalibrate).accuracy
+    t2 = time.perf_counter()
+    stop = found.info.get("stop") or {}
+    return {"accuracy": acc, "before_finetune": None, "time_s": dense_s + (t2 - t0), "search_s": t1 - t0,
+            "finetune_epochs": schedule.epochs, "search_steps": found.info.get("steps"),
+            "search_max_steps": found.info.get("max_steps"), "stop_reason": stop.get("reason", ""),
+            "achieved_sparsity": found.mask.sparsity, "dense_s": dense_s}
 
 
 def one_shot(method, sparsity, dense, arch, kwargs, bundle, seed, args, extra_epochs=0) -> dict:
@@ -244,10 +297,14 @@ def main():
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=8, help="the train schedule (dense model, LTR's retraining)")
     p.add_argument("--rewind", type=float, default=0.5, help="rewind point, epochs of the train schedule")
+    p.add_argument("--rewind-accuracy", type=float, default=0.8,
+                   help="cts-auto: rewind where the network reaches this fraction of the dense accuracy")
     p.add_argument("--finetune", type=int, default=3, help="fine-tune epochs of a trained-start ticket (LRR: per round)")
     p.add_argument("--set", dest="sets", action="append", default=[], help="extra recipe override, KEY=VALUE")
     p.add_argument("--threads", type=int, default=1, help="1: on a shared 2-core machine more threads thrash")
-    p.add_argument("--out", type=Path, default=OUT / "cts_vs_ltr.csv")
+    p.add_argument("--out", type=Path, default=OUT / "cts_vs_ltr_fair.csv",
+                   help="rows (cts_vs_ltr.csv holds the earlier protocol's rows, whose times leave out the dense "
+                        "training of the trained-start methods)")
     p.add_argument("--table", action="store_true", help="print the markdown table of --out and redraw its plot")
     args = p.parse_args()
     if args.table:
@@ -282,7 +339,7 @@ def main():
                 if not todo:
                     continue
                 bundle = make(seed)
-                dense, dense_acc, dense_s = dense_model(arch, kwargs, bundle, seed, args)
+                dense, dense_acc, dense_s, rewind = dense_model(arch, kwargs, bundle, seed, args)
                 print(f"{name} seed {seed}: dense accuracy {dense_acc:.4f} ({dense_s:.1f}s)", flush=True)
                 cts_time = {}
                 for method in args.methods:
@@ -291,7 +348,14 @@ def main():
                         continue
                     if method in ("ltr", "lrr"):
                         for s, res in trajectory(method, targets, dense, arch, kwargs, bundle, seed, args).items():
+                            if method == "lrr":  # its rounds start from the trained dense model
+                                res.update(time_s=res["time_s"] + dense_s, dense_s=dense_s)
                             emit(name, method, seed, s, dense_acc, res)
+                        continue
+                    if method in FULL:
+                        for s in targets:
+                            emit(name, method, seed, s, dense_acc,
+                                 full_protocol(method, s, dense, rewind, arch, kwargs, bundle, seed, args, dense_s))
                         continue
                     for s in targets:
                         extra = 0
@@ -308,6 +372,8 @@ def main():
                             per_epoch = time.perf_counter() - t
                             extra = max(0, round(ref / per_epoch) - args.finetune)
                         res = one_shot(method.split("+")[0], s, dense, arch, kwargs, bundle, seed, args, extra)
+                        if method != "cts-rewind":  # counted alike: the dense training this method starts from
+                            res.update(time_s=res["time_s"] + dense_s, dense_s=dense_s)
                         if method == "cts":
                             cts_time[s] = res["time_s"]
                         emit(name, method, seed, s, dense_acc, res)
