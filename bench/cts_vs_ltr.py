@@ -21,6 +21,17 @@ search registry, its fine-tune, BN re-estimated after the mask is applied):
 - lrr                  IMP with `search.start: trained`: every round replays the last `--finetune`
                        epochs of the train schedule on the trained weights (Renda et al. 2020)
 
+The fair protocol (issue 19; docs/cts-vs-ltr.md), the headline rows:
+- cts/full             the `cts` recipe's mask on the trained model, then LTR's final round: the rewind
+                       weights of LTR's own dense run (the dense model here *is* that run) + the rest of
+                       the train schedule; cts-staged/full, cts-staged3/full: with search.stages 4 / 3
+                       (stage_epochs 1 / 2); cts-floor/full: search.min_per_output 1
+- lamp/full            one-shot LAMP magnitude, the same retraining (control)
+- cts-auto             CTS at the rewind point where the network reaches --rewind-accuracy x the dense
+                       accuracy (train.rewind_accuracy), then the rest of the schedule
+Times count alike: every method that needs the trained dense model includes its dense training
+(column dense_s); cts-rewind needs none and includes none.
+
 LTR and LRR run one trajectory per seed through all targets (each target sparsity is inserted as a
 round; every other round removes 20% of the remaining weights): a ticket at 99.5% is the same
 ticket whether the run stops there or continues. Their time to a ticket is the trajectory's time
