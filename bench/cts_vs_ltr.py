@@ -69,16 +69,22 @@ from ticketforge.search import imp as imp_mod
 OUT = Path(__file__).parent / "results"
 FIELDS = ["data", "method", "seed", "sparsity", "accuracy", "before_finetune", "dense_accuracy", "time_s",
           "search_s", "finetune_epochs", "search_steps", "search_max_steps", "stop_reason", "achieved_sparsity",
-          "dense_s"]
+          "dense_s", "cpu_s"]
+# cpu_s: the process's CPU seconds for the same span as time_s (1 thread: the wall time on an idle core). On a
+# shared machine whose load changes by the minute, the ratio of cpu_s is the one to compare.
 DEVICE = torch.device("cpu")
 METHODS = ["cts", "cts-rewind", "cts:ce", "ltr", "lrr", "magnitude", "synflow", "magnitude+time", "synflow+time",
            # The fair protocol (issue 19): the mask, then LTR's final round (the rewind weights + the rest of the
            # train schedule); time_s includes the dense training the mask needs (LTR's includes its own).
-           "cts/full", "cts-staged/full", "cts-staged3/full", "cts-floor/full", "cts-auto", "lamp/full"]
+           "cts/full", "cts-staged/full", "cts-staged3/full", "cts-staged3-short/full", "cts-floor/full", "cts-auto",
+           "lamp/full"]
 FULL = {  # method -> (registry recipe name, extra overrides); the search runs on the trained dense model
     "cts/full": ("cts", []),
     "cts-staged/full": ("cts", ["search.stages=4", "search.stage_epochs=1"]),
     "cts-staged3/full": ("cts", ["search.stages=3", "search.stage_epochs=2"]),
+    # half the search (100 steps in all): what keeps digits' ticket within 1/4 of LTR's time
+    "cts-staged3-short/full": ("cts", ["search.stages=3", "search.stage_epochs=2", "search.min_steps=100",
+                                       "search.epochs=3"]),
     "cts-floor/full": ("cts", ["search.min_per_output=1"]),
     "lamp/full": ("magnitude", ["search.scope=lamp"]),
 }
@@ -152,15 +158,19 @@ def dense_model(arch, kwargs, bundle, seed, args):
     from ticketforge.search import start as start_mod
     recipe = recipe_for("ltr", 0.9, args)
     ctx = context(models.build(arch, kwargs), arch, kwargs, bundle, recipe, seed)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     sp = start_mod.starting_point(ctx)
     rewind_state = copy.deepcopy(sp.model.state_dict())
     kw = sp.schedule.train_kwargs()
     finetune.train(sp.model, loader(bundle.train, sp.schedule.batch_size, shuffle=True, seed=round_seed(seed)),
                    device=DEVICE, **kw)
     model = sp.model.eval()
+    DENSE_CPU[seed] = time.process_time() - c
     return model, finetune.evaluate(model, loader(bundle.val, 256), DEVICE), time.perf_counter() - t, \
         (rewind_state, sp.schedule)
+
+
+DENSE_CPU: dict[int, float] = {}
 
 
 def round_seed(seed):
@@ -178,7 +188,7 @@ def full_protocol(method, sparsity, dense, rewind, arch, kwargs, bundle, seed, a
     model = copy.deepcopy(dense)
     ctx = context(model, arch, kwargs, bundle, recipe, seed)
     torch.manual_seed(seed)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     found = search.run(ctx)
     t1 = time.perf_counter()
     state, schedule = rewind
@@ -191,7 +201,8 @@ def full_protocol(method, sparsity, dense, rewind, arch, kwargs, bundle, seed, a
     return {"accuracy": acc, "before_finetune": None, "time_s": dense_s + (t2 - t0), "search_s": t1 - t0,
             "finetune_epochs": schedule.epochs, "search_steps": found.info.get("steps"),
             "search_max_steps": found.info.get("max_steps"), "stop_reason": stop.get("reason", ""),
-            "achieved_sparsity": found.mask.sparsity, "dense_s": dense_s}
+            "achieved_sparsity": found.mask.sparsity, "dense_s": dense_s,
+            "cpu_s": DENSE_CPU.get(seed, 0.0) + time.process_time() - c0}
 
 
 def one_shot(method, sparsity, dense, arch, kwargs, bundle, seed, args, extra_epochs=0) -> dict:
@@ -229,7 +240,10 @@ def trajectory(method, targets, dense, arch, kwargs, bundle, seed, args) -> dict
     stops = {keep_count(total, s): s for s in targets}
     plan = sorted(set(plan) | set(stops), reverse=True)
     torch.manual_seed(seed)
+    c0 = time.process_time()
     found = imp_mod.lottery(ctx, plan)
+    cpu = time.process_time() - c0
+    wall = sum(r["seconds"] for r in found.info["rounds"]) or 1.0
     rows, elapsed = {}, 0.0
     by_round = {r["round"]: r for r in found.info["rounds"]}
     for r in sorted(by_round):
@@ -241,7 +255,9 @@ def trajectory(method, targets, dense, arch, kwargs, bundle, seed, args) -> dict
             rows[stops[kept]] = {"accuracy": by_round[r]["accuracy"], "before_finetune": None, "time_s": elapsed,
                                  "search_s": elapsed, "finetune_epochs": found.info["epochs_per_round"],
                                  "search_steps": r, "search_max_steps": len(plan), "stop_reason": "",
-                                 "achieved_sparsity": by_round[r]["sparsity"]}
+                                 "achieved_sparsity": by_round[r]["sparsity"],
+                                 # the trajectory's CPU seconds, shared out by its rounds' wall times
+                                 "cpu_s": cpu * elapsed / wall}
     return rows
 
 
@@ -329,7 +345,8 @@ def main():
     seen = {(r["data"], r["method"], r["seed"], r["sparsity"]) for r in done}
     new = not args.out.exists()
     with open(args.out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        # a file written before a column was added keeps its header (the new column is left out)
+        w = csv.DictWriter(f, fieldnames=FIELDS if new else next(csv.reader(open(args.out))), extrasaction="ignore")
         if new:
             w.writeheader()
 
