@@ -21,6 +21,17 @@ search registry, its fine-tune, BN re-estimated after the mask is applied):
 - lrr                  IMP with `search.start: trained`: every round replays the last `--finetune`
                        epochs of the train schedule on the trained weights (Renda et al. 2020)
 
+The fair protocol (issue 19; docs/cts-vs-ltr.md), the headline rows:
+- cts/full             the `cts` recipe's mask on the trained model, then LTR's final round: the rewind
+                       weights of LTR's own dense run (the dense model here *is* that run) + the rest of
+                       the train schedule; cts-staged/full, cts-staged3/full: with search.stages 4 / 3
+                       (stage_epochs 1 / 2); cts-floor/full: search.min_per_output 1
+- lamp/full            one-shot LAMP magnitude, the same retraining (control)
+- cts-auto             CTS at the rewind point where the network reaches --rewind-accuracy x the dense
+                       accuracy (train.rewind_accuracy), then the rest of the schedule
+Times count alike: every method that needs the trained dense model includes its dense training
+(column dense_s); cts-rewind needs none and includes none.
+
 LTR and LRR run one trajectory per seed through all targets (each target sparsity is inserted as a
 round; every other round removes 20% of the remaining weights): a ticket at 99.5% is the same
 ticket whether the run stops there or continues. Their time to a ticket is the trajectory's time
@@ -57,9 +68,26 @@ from ticketforge.search import imp as imp_mod
 
 OUT = Path(__file__).parent / "results"
 FIELDS = ["data", "method", "seed", "sparsity", "accuracy", "before_finetune", "dense_accuracy", "time_s",
-          "search_s", "finetune_epochs", "search_steps", "search_max_steps", "stop_reason", "achieved_sparsity"]
+          "search_s", "finetune_epochs", "search_steps", "search_max_steps", "stop_reason", "achieved_sparsity",
+          "dense_s", "cpu_s"]
+# cpu_s: the process's CPU seconds for the same span as time_s (1 thread: the wall time on an idle core). On a
+# shared machine whose load changes by the minute, the ratio of cpu_s is the one to compare.
 DEVICE = torch.device("cpu")
-METHODS = ["cts", "cts-rewind", "cts:ce", "ltr", "lrr", "magnitude", "synflow", "magnitude+time", "synflow+time"]
+METHODS = ["cts", "cts-rewind", "cts:ce", "ltr", "lrr", "magnitude", "synflow", "magnitude+time", "synflow+time",
+           # The fair protocol (issue 19): the mask, then LTR's final round (the rewind weights + the rest of the
+           # train schedule); time_s includes the dense training the mask needs (LTR's includes its own).
+           "cts/full", "cts-staged/full", "cts-staged3/full", "cts-staged3-short/full", "cts-floor/full", "cts-auto",
+           "lamp/full"]
+FULL = {  # method -> (registry recipe name, extra overrides); the search runs on the trained dense model
+    "cts/full": ("cts", []),
+    "cts-staged/full": ("cts", ["search.stages=4", "search.stage_epochs=1"]),
+    "cts-staged3/full": ("cts", ["search.stages=3", "search.stage_epochs=2"]),
+    # half the search (100 steps in all): what keeps digits' ticket within 1/4 of LTR's time
+    "cts-staged3-short/full": ("cts", ["search.stages=3", "search.stage_epochs=2", "search.min_steps=100",
+                                       "search.epochs=3"]),
+    "cts-floor/full": ("cts", ["search.min_per_output=1"]),
+    "lamp/full": ("magnitude", ["search.scope=lamp"]),
+}
 
 
 @models.register_model("mnist1d-cnn")
@@ -102,8 +130,8 @@ DATA = {  # name -> (bundle, architecture, kwargs)
 def recipe_for(method: str, sparsity: float, args) -> recipes.Recipe:
     name, _, objective = method.partition(":")
     name = name.split("+")[0]
-    start = "rewind" if name in ("cts-rewind", "ltr") else "trained"
-    registry = {"cts-rewind": "cts", "ltr": "imp", "lrr": "imp"}.get(name, name)
+    start = "rewind" if name in ("cts-rewind", "cts-auto", "ltr") else "trained"
+    registry = {"cts-rewind": "cts", "cts-auto": "cts", "ltr": "imp", "lrr": "imp"}.get(name, name)
     base = "cts" if registry == "cts" else "magnitude" if registry != "imp" else "imp"
     items = [f"search.method={registry}", f"search.sparsity={sparsity}", f"search.start={start}",
              f"train.epochs={args.epochs}", f"train.rewind_epochs={args.rewind}", "train.lr=0.1",
@@ -111,6 +139,8 @@ def recipe_for(method: str, sparsity: float, args) -> recipes.Recipe:
              if registry == "imp" else "search.sanity=false", *args.sets]
     if objective:
         items.append(f"search.objective={objective}")
+    if name == "cts-auto":  # rewind where the network reaches args.rewind_accuracy x the dense accuracy
+        items.append(f"train.rewind_accuracy={args.rewind_accuracy}")
     if registry == "magnitude":
         items.append("search.scope=global")  # the baseline these rows measured (LAMP: bench/magnitude_scope.py)
     return recipes.resolve(base, items)
@@ -122,12 +152,57 @@ def context(model, arch, kwargs, bundle, recipe, seed) -> SearchContext:
 
 
 def dense_model(arch, kwargs, bundle, seed, args):
+    """The dense network, trained exactly as LTR's round 0 trains it (the same init, data order and
+    schedule, through search.start=rewind): its weights at the rewind point are what the `/full`
+    rows retrain their tickets from, as LTR's rounds do."""
+    from ticketforge.search import start as start_mod
+    recipe = recipe_for("ltr", 0.9, args)
+    ctx = context(models.build(arch, kwargs), arch, kwargs, bundle, recipe, seed)
+    t, c = time.perf_counter(), time.process_time()
+    sp = start_mod.starting_point(ctx)
+    rewind_state = copy.deepcopy(sp.model.state_dict())
+    kw = sp.schedule.train_kwargs()
+    finetune.train(sp.model, loader(bundle.train, sp.schedule.batch_size, shuffle=True, seed=round_seed(seed)),
+                   device=DEVICE, **kw)
+    model = sp.model.eval()
+    DENSE_CPU[seed] = time.process_time() - c
+    return model, finetune.evaluate(model, loader(bundle.val, 256), DEVICE), time.perf_counter() - t, \
+        (rewind_state, sp.schedule)
+
+
+DENSE_CPU: dict[int, float] = {}
+
+
+def round_seed(seed):
+    return imp_mod.round_seed(seed, 0)  # LTR's round 0 (its dense training) draws from this stream
+
+
+def full_protocol(method, sparsity, dense, rewind, arch, kwargs, bundle, seed, args, dense_s) -> dict:
+    """The mask of `method` found on the trained dense model, then LTR's final round: the rewind
+    weights, the mask, the rest of the train schedule (BN re-estimated first)."""
+    registry, extra = FULL[method]
+    base = recipe_for(registry, sparsity, args)
+    recipe = recipes.resolve("cts" if registry == "cts" else "magnitude",
+                             [f"search.method={registry}", f"search.sparsity={sparsity}", "search.start=trained",
+                              "search.sanity=false", *args.sets, *extra])
+    model = copy.deepcopy(dense)
+    ctx = context(model, arch, kwargs, bundle, recipe, seed)
     torch.manual_seed(seed)
-    model = models.build(arch, kwargs)
-    t = time.perf_counter()
-    finetune.train(model, loader(bundle.train, 128, shuffle=True, seed=seed), epochs=args.epochs, lr=0.1,
-                   device=DEVICE)
-    return model.eval(), finetune.evaluate(model, loader(bundle.val, 256), DEVICE), time.perf_counter() - t
+    t0, c0 = time.perf_counter(), time.process_time()
+    found = structures.find_ticket(ctx)
+    t1 = time.perf_counter()
+    state, schedule = rewind
+    ticket = copy.deepcopy(dense)
+    ticket.load_state_dict(state)
+    acc = finetune.fit(ticket, found.mask, schedule, bundle, DEVICE, seed=seed,
+                       bn_recalibrate=base.finetune.bn_recalibrate).accuracy
+    t2 = time.perf_counter()
+    stop = found.info.get("stop") or {}
+    return {"accuracy": acc, "before_finetune": None, "time_s": dense_s + (t2 - t0), "search_s": t1 - t0,
+            "finetune_epochs": schedule.epochs, "search_steps": found.info.get("steps"),
+            "search_max_steps": found.info.get("max_steps"), "stop_reason": stop.get("reason", ""),
+            "achieved_sparsity": found.mask.sparsity, "dense_s": dense_s,
+            "cpu_s": DENSE_CPU.get(seed, 0.0) + time.process_time() - c0}
 
 
 def one_shot(method, sparsity, dense, arch, kwargs, bundle, seed, args, extra_epochs=0) -> dict:
@@ -165,7 +240,10 @@ def trajectory(method, targets, dense, arch, kwargs, bundle, seed, args) -> dict
     stops = {keep_count(total, s): s for s in targets}
     plan = sorted(set(plan) | set(stops), reverse=True)
     torch.manual_seed(seed)
+    c0 = time.process_time()
     found = imp_mod.lottery(ctx, plan)
+    cpu = time.process_time() - c0
+    wall = sum(r["seconds"] for r in found.info["rounds"]) or 1.0
     rows, elapsed = {}, 0.0
     by_round = {r["round"]: r for r in found.info["rounds"]}
     for r in sorted(by_round):
@@ -177,7 +255,9 @@ def trajectory(method, targets, dense, arch, kwargs, bundle, seed, args) -> dict
             rows[stops[kept]] = {"accuracy": by_round[r]["accuracy"], "before_finetune": None, "time_s": elapsed,
                                  "search_s": elapsed, "finetune_epochs": found.info["epochs_per_round"],
                                  "search_steps": r, "search_max_steps": len(plan), "stop_reason": "",
-                                 "achieved_sparsity": by_round[r]["sparsity"]}
+                                 "achieved_sparsity": by_round[r]["sparsity"],
+                                 # the trajectory's CPU seconds, shared out by its rounds' wall times
+                                 "cpu_s": cpu * elapsed / wall}
     return rows
 
 
@@ -244,10 +324,14 @@ def main():
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=8, help="the train schedule (dense model, LTR's retraining)")
     p.add_argument("--rewind", type=float, default=0.5, help="rewind point, epochs of the train schedule")
+    p.add_argument("--rewind-accuracy", type=float, default=0.8,
+                   help="cts-auto: rewind where the network reaches this fraction of the dense accuracy")
     p.add_argument("--finetune", type=int, default=3, help="fine-tune epochs of a trained-start ticket (LRR: per round)")
     p.add_argument("--set", dest="sets", action="append", default=[], help="extra recipe override, KEY=VALUE")
     p.add_argument("--threads", type=int, default=1, help="1: on a shared 2-core machine more threads thrash")
-    p.add_argument("--out", type=Path, default=OUT / "cts_vs_ltr.csv")
+    p.add_argument("--out", type=Path, default=OUT / "cts_vs_ltr_fair.csv",
+                   help="rows (cts_vs_ltr.csv holds the earlier protocol's rows, whose times leave out the dense "
+                        "training of the trained-start methods)")
     p.add_argument("--table", action="store_true", help="print the markdown table of --out and redraw its plot")
     args = p.parse_args()
     if args.table:
@@ -261,7 +345,8 @@ def main():
     seen = {(r["data"], r["method"], r["seed"], r["sparsity"]) for r in done}
     new = not args.out.exists()
     with open(args.out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        # a file written before a column was added keeps its header (the new column is left out)
+        w = csv.DictWriter(f, fieldnames=FIELDS if new else next(csv.reader(open(args.out))), extrasaction="ignore")
         if new:
             w.writeheader()
 
@@ -282,7 +367,7 @@ def main():
                 if not todo:
                     continue
                 bundle = make(seed)
-                dense, dense_acc, dense_s = dense_model(arch, kwargs, bundle, seed, args)
+                dense, dense_acc, dense_s, rewind = dense_model(arch, kwargs, bundle, seed, args)
                 print(f"{name} seed {seed}: dense accuracy {dense_acc:.4f} ({dense_s:.1f}s)", flush=True)
                 cts_time = {}
                 for method in args.methods:
@@ -291,7 +376,14 @@ def main():
                         continue
                     if method in ("ltr", "lrr"):
                         for s, res in trajectory(method, targets, dense, arch, kwargs, bundle, seed, args).items():
+                            if method == "lrr":  # its rounds start from the trained dense model
+                                res.update(time_s=res["time_s"] + dense_s, dense_s=dense_s)
                             emit(name, method, seed, s, dense_acc, res)
+                        continue
+                    if method in FULL:
+                        for s in targets:
+                            emit(name, method, seed, s, dense_acc,
+                                 full_protocol(method, s, dense, rewind, arch, kwargs, bundle, seed, args, dense_s))
                         continue
                     for s in targets:
                         extra = 0
@@ -308,6 +400,8 @@ def main():
                             per_epoch = time.perf_counter() - t
                             extra = max(0, round(ref / per_epoch) - args.finetune)
                         res = one_shot(method.split("+")[0], s, dense, arch, kwargs, bundle, seed, args, extra)
+                        if method != "cts-rewind":  # counted alike: the dense training this method starts from
+                            res.update(time_s=res["time_s"] + dense_s, dense_s=dense_s)
                         if method == "cts":
                             cts_time[s] = res["time_s"]
                         emit(name, method, seed, s, dense_acc, res)

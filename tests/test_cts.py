@@ -304,3 +304,120 @@ def test_report_says_where_the_search_stopped():
     assert "stopped at step 40 of at most 66: its top-k set had converged" in report.to_markdown(r)
     r.search["stop"]["reason"] = "cap"
     assert "stopped at step 40 of at most 66: the cap" in report.to_markdown(r)
+
+
+# ---------------------------------------------------------------- rewind point by accuracy
+def _scripted_accuracy(monkeypatch, reference, curve):
+    """finetune.evaluate as start.py sees it: the trained model's accuracy first, then `curve` (the
+    fresh network at step 0, then at every check)."""
+    from ticketforge.search import start as start_mod
+    seq = iter([reference, *curve])
+    monkeypatch.setattr(start_mod.finetune, "evaluate", lambda *a, **k: next(seq))
+
+
+def test_rewind_by_accuracy_stops_where_the_teacher_reaches_the_threshold(make_ctx, monkeypatch):
+    # 64 samples / batch 16: 4 steps an epoch, 8 in the schedule; a check every step
+    _scripted_accuracy(monkeypatch, 0.8, [0.1, 0.2, 0.3, 0.45, 0.5, 0.7, 0.9, 0.9, 0.9])
+    sp = starting_point(make_ctx(["search.start=rewind", "train.rewind_accuracy=0.6", "train.rewind_check=1"]))
+    # 0.6 x 0.8 = 0.48: first reached at the 4th check (0.5), step 4
+    assert sp.info["rewind_step"] == 4 and sp.info["rewind_accuracy"] == 0.5
+    assert sp.info["rewind_accuracy_target"] == pytest.approx(0.48)
+    assert (sp.schedule.start_epoch, sp.schedule.start_step, sp.schedule.epochs) == (1, 0, 1)
+    monkeypatch.undo()
+    fixed = starting_point(make_ctx(["search.start=rewind", "train.rewind_steps=4"]))
+    for (n, a), b in zip(sp.model.state_dict().items(), fixed.model.state_dict().values()):
+        assert torch.equal(a, b), n  # the same weights as rewinding to that step directly
+
+
+def test_rewind_by_accuracy_checks_every_rewind_check_steps(make_ctx, monkeypatch):
+    _scripted_accuracy(monkeypatch, 1.0, [0.0, 0.2, 0.9])
+    sp = starting_point(make_ctx(["search.start=rewind", "train.rewind_accuracy=0.5", "train.rewind_check=3"]))
+    assert sp.info["rewind_step"] == 6
+
+
+def test_rewind_by_accuracy_never_reached_stops_before_the_end(make_ctx, monkeypatch):
+    _scripted_accuracy(monkeypatch, 1.0, [0.0] * 20)
+    sp = starting_point(make_ctx(["search.start=rewind", "train.rewind_accuracy=0.99", "train.rewind_check=1"]))
+    assert sp.info["rewind_step"] == 7 and sp.schedule.start_step == 3 and sp.schedule.epochs == 1
+
+
+def test_rewind_by_accuracy_already_met_at_init_trains_nothing(make_ctx, monkeypatch):
+    _scripted_accuracy(monkeypatch, 0.5, [0.5])
+    ctx = make_ctx(["search.start=rewind", "train.rewind_accuracy=0.5"])
+    sp = starting_point(ctx)
+    init = starting_point(make_ctx(["search.start=init"]))
+    assert sp.info["rewind_step"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(sp.model.state_dict().values(), init.model.state_dict().values()))
+
+
+# ---------------------------------------------------------------- stages and per-output floors
+@pytest.mark.parametrize("total,sparsity,stages", [(28000, 0.98, 4), (28000, 0.99, 3), (1000, 0.995, 6),
+                                                    (37, 0.9, 5), (28000, 0.98, 1)])
+def test_stage_plan_falls_geometrically_and_ends_exactly_on_the_target(total, sparsity, stages):
+    from ticketforge.masks import keep_count
+    from ticketforge.search.cts import stage_plan
+    plan = stage_plan(total, sparsity, stages)
+    assert plan[-1] == keep_count(total, sparsity)
+    assert all(a > b for a, b in zip(plan, plan[1:])) and len(plan) <= stages
+    if total > 1000:
+        assert len(plan) == stages
+        assert plan[0] == round(total * (1 - sparsity) ** (1 / stages))
+
+
+def test_floor_leaves_no_output_row_empty_at_extreme_sparsity():
+    from ticketforge.search.cts import topk_with_floor
+    g = torch.Generator().manual_seed(0)
+    # a classifier whose rows 0-2 score far above the rest: plain top-k empties rows 3-9
+    cls = torch.randn(10, 640, generator=g) - 10 * (torch.arange(10) >= 3).float()[:, None]
+    conv = torch.randn(64, 64, 3, generator=g) + 2.0
+    scores = {"conv.weight": conv, "fc.weight": cls}
+    keep = round(0.01 * (conv.numel() + cls.numel()))  # 99%: 187 weights for 74 rows
+    from ticketforge.masks import global_topk
+    plain = global_topk(scores, keep)
+    assert (plain["fc.weight"].sum(1) == 0).any()  # the failure the floor prevents
+    for floor in (1, 2):
+        m = topk_with_floor(scores, keep, floor)
+        assert m.kept == keep
+        assert (m["fc.weight"].sum(1) >= floor).all() and (m["conv.weight"].reshape(64, -1).sum(1) >= floor).all()
+        # each row's floor is its own best weights
+        best = cls.topk(floor, 1).indices
+        assert m["fc.weight"].gather(1, best).all()
+
+
+def test_floor_respects_the_survivors_and_refuses_an_impossible_budget():
+    from ticketforge.masks import Mask
+    from ticketforge.search.cts import topk_with_floor
+    scores = {"a.weight": torch.arange(24.0).reshape(4, 6)}
+    allowed = Mask({"a.weight": torch.zeros(4, 6, dtype=torch.bool)})
+    allowed["a.weight"][:, :2] = True
+    allowed["a.weight"][3] = False  # a row already dead stays dead
+    m = topk_with_floor(scores, 5, 1, allowed=allowed)
+    assert m.kept == 5 and not (m["a.weight"] & ~allowed["a.weight"]).any()
+    assert (m["a.weight"][:3].sum(1) >= 1).all()
+    with pytest.raises(UserError, match="min_per_output"):
+        topk_with_floor(scores, 3, 1)
+
+
+@pytest.mark.parametrize("start", ["trained", "rewind"])
+def test_staged_cts_hits_the_sparsity_exactly_and_only_narrows(make_ctx, start, monkeypatch):
+    from ticketforge.search import cts as cts_mod
+    masks = []
+    real = cts_mod.topk_with_floor
+
+    def spy(scores, keep, per_output, allowed=None):
+        m = real(scores, keep, per_output, allowed)
+        masks.append((m, allowed))
+        return m
+    monkeypatch.setattr(cts_mod, "topk_with_floor", spy)
+    ctx = make_ctx([f"search.start={start}", "train.rewind_epochs=1", "search.steps=6", "search.sparsity=0.9",
+                    "search.stages=3", "search.stage_epochs=1", "search.min_per_output=1"])
+    res = structures.find_ticket(ctx)
+    total = res.mask.total
+    assert res.mask.kept == round(0.1 * total) and len(masks) == 3
+    assert [m.kept for m, _ in masks] == cts_mod.stage_plan(total, 0.9, 3)
+    for (m, allowed) in masks[1:]:
+        assert not any((m[n] & ~allowed[n]).any() for n in m)  # a pruned weight never comes back
+    assert [r["steps"] for r in res.info["stages"]] == [2, 2, 2]  # the search length split between stages
+    assert all((m.reshape(m.shape[0], -1).sum(1) >= 1).all() for m in res.mask.values())
+    if start == "rewind":
+        assert res.schedule.start_epoch == 1  # retrained from the rewind weights, not the stage-tuned ones

@@ -134,14 +134,15 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, devic
           optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4, grad_clip: float = 0.0,
           mask: Mask | None = None, ui: UI = SILENT, desc: str = "fine-tune", start_epoch: int = 0,
           total_epochs: int | None = None, mask_scale: Callable[[float], float] | None = None,
-          start_step: int = 0, max_steps: int | None = None, teacher: nn.Module | None = None,
-          distill: float = 0.0, distill_temperature: float = 1.0) -> list[float]:
+          start_step: int = 0, max_steps: int | None = None, until: Callable[[int], bool] | None = None,
+          teacher: nn.Module | None = None, distill: float = 0.0, distill_temperature: float = 1.0) -> list[float]:
     """Train with a cosine learning-rate schedule over `total_epochs` (default `epochs`), starting at
     `start_epoch` of it (rewinding = starting the schedule again). Returns the mean loss per epoch.
 
     Rewinding to an iteration: `start_step` more steps of the schedule are already done, so the
     first epoch is that much shorter and the schedule ends where it would have. `max_steps` stops
-    earlier (training up to a rewind point).
+    earlier (training up to a rewind point); `until(steps done)`, called after every step, stops it when
+    it returns True (training up to an accuracy).
 
     With `mask` the pruned weights stay zero; with `mask_scale` as well, they instead enter the forward
     scaled by mask_scale(fraction of this training done) and keep training, and are zeroed at the end.
@@ -218,6 +219,10 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, devic
                 count += len(y)
                 done += 1
                 advance(loss=total / count)
+                if until is not None:
+                    if until(done):
+                        steps = done  # the loops end here
+                    model.train()  # `until` may have evaluated (eval mode)
             if count:
                 losses.append(total / count)
     if mask is not None:

@@ -69,6 +69,15 @@ class SearchConfig:
                               lo=0.0, hi=1.0, lo_open=True)
     stop_window: int = opt(5, "CTS: checks in a row the top-k set must hold", lo=1)
     check_every: int = opt(0, "CTS: steps between checks of the top-k set (0: a quarter epoch)", lo=0)
+    stages: int = opt(1, "CTS: reach the sparsity in this many stages of geometrically falling density, each a "
+                      "search among the survivors (the search length split between them) and, between stages, "
+                      "stage_epochs of fine-tuning of the surviving weights (as IMP's rounds adapt them to each cut)",
+                      lo=1)
+    stage_epochs: int = opt(1, "CTS with stages > 1: fine-tune epochs (the finetune section's optimizer and lr) "
+                            "between two stages", lo=0)
+    min_per_output: int = opt(0, "CTS: keep at least this many weights of every output unit (a conv's output "
+                              "channel, a Linear's row: no dead class, no dead stem channel), the highest-scored "
+                              "of each; the rest by global top-k", lo=0)
     sanity: bool = opt(False, "also train the sanity-check variants (shuffled, inverted, re-initialised)")
     # Budgets users think in (ticketforge.budget): each replaces sparsity / target_macs / blocks.
     target_speedup: Optional[float] = opt(None, "channels / blocks: measured speed-up of model.onnx over dense.onnx "
@@ -92,6 +101,12 @@ class TrainConfig:
     rewind_epochs: float = opt(1.0, "rewind: epochs of dense training before the search", lo=0.0)
     rewind_steps: int = opt(0, "rewind: optimizer steps of dense training before the search; overrides "
                             "rewind_epochs when > 0 (rewinding to an iteration, as open_lth does)", lo=0)
+    rewind_accuracy: float = opt(0.0, "rewind: instead of a fixed point, rewind to the first step where the network's "
+                                 "validation accuracy reaches this fraction of the given trained model's (checked "
+                                 "every rewind_check steps); 0: off (rewind_steps / rewind_epochs decide)",
+                                 lo=0.0, hi=1.0)
+    rewind_check: int = opt(0, "rewind_accuracy: optimizer steps between accuracy checks (0: an eighth of an epoch)",
+                            lo=0)
     lr: float = opt(0.1, "SGD learning rate", lo=0.0, lo_open=True)
     batch_size: int = opt(128, "batch size", lo=1)
     momentum: float = opt(0.9, "SGD momentum", lo=0.0, hi=1.0)

@@ -17,6 +17,7 @@ from ticketforge.registry import Registry
 COMMON_KEYS = ("method", "start", "sanity")
 CTS_KEYS = ("epochs", "steps", "min_steps", "lr", "batch_size", "objective", "temperature", "balance", "budget_slack",
             "stop_overlap", "stop_window", "check_every")
+CTS_WEIGHT_KEYS = CTS_KEYS + ("stages", "stage_epochs", "min_per_output")  # `cts` only (search/cts.py)
 ALL_STARTS = ("trained", "rewind", "init")
 
 
@@ -71,7 +72,7 @@ for _m in (
     Method("snip", "baselines:snip", ("batch_size",), summary="SNIP connection sensitivity"),
     Method("grasp", "baselines:grasp", ("batch_size",), summary="GraSP gradient flow"),
     Method("synflow", "baselines:synflow", ("synflow_rounds",), summary="SynFlow, data-free"),
-    Method("cts", "cts:cts", CTS_KEYS, summary="Concrete Ticket Search; of a structure's units: one gate each",
+    Method("cts", "cts:cts", CTS_WEIGHT_KEYS, summary="Concrete Ticket Search; of a structure's units: one gate each",
            units=("weights", "channels", "blocks"), scorer="cts:score_units", unit_keys=CTS_KEYS, gates=True),
     Method("imp", "imp:imp", ("epochs", "steps", "prune_fraction"), summary="iterative magnitude pruning"),
 ):

@@ -140,7 +140,7 @@ def lottery(ctx: SearchContext, plan: list[int]) -> SearchResult:
             saved = _load(dense_file)
             model = start_mod.fresh_model(ctx)
             model.load_state_dict(saved["trained"])
-            train_round = _Trainer(ctx, start_mod.rest_of_training(ctx, start_mod.rewind_step(ctx) if cfg.start == "rewind" else 0))
+            train_round = _Trainer(ctx, start_mod.rest_of_training(ctx, saved["info"].get("rewind_step", 0)))
             ctx.ui.log("resuming: the dense training is already done, skipped")
         else:
             sp = start_mod.starting_point(ctx)
