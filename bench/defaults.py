@@ -249,6 +249,8 @@ def capped(name: str, cap: int) -> list[str]:
     from ticketforge import recipe as recipes
     r = recipes.resolve(name)
     items = []
+    if not cap:  # 0: the recipe's own epochs
+        return items
     if r.search.epochs > cap:
         items.append(f"search.epochs={cap}")
     if r.finetune.epochs > cap:
@@ -293,12 +295,22 @@ def one_line(exc) -> str:
 
 # ------------------------------------------------------------------------------------------- reading
 
+def label(row: dict) -> str:
+    """A recipe's name; rows run without the epoch cap (--cap 0) are their own line."""
+    return row["recipe"] + (" (no cap)" if str(row.get("cap")) == "0" else "")
+
+
+def labels(rows: list[dict]) -> list[str]:
+    have = {label(r) for r in rows}
+    return [x for name in RECIPES for x in (name, name + " (no cap)") if x in have]
+
+
 def table(rows: list[dict]) -> str:
     """Markdown: per family (dense accuracy, mean ± sd over seeds) and recipe, the accuracy drop
     (dense - exported ONNX) in points, mean ± sd (n); MACs kept where below 1; n/a and failures by
     their status."""
     fams = [f for f in FAMILIES if any(r["family"] == f for r in rows)]
-    recs = [r for r in RECIPES if any(x["recipe"] == r for x in rows)]
+    recs = labels(rows)
     head = ["recipe"]
     for f in fams:
         dense = list({r["seed"]: 100 * float(r["dense_accuracy"]) for r in rows
@@ -306,9 +318,9 @@ def table(rows: list[dict]) -> str:
         head.append(f"{f} ({mean_sd(dense, count=False)}%)" if dense else f)
     out = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(fams)]
     for rec in recs:
-        cells = [f"`{rec}`"]
+        cells = [f"`{rec}`" if " " not in rec else "`{}` {}".format(*rec.split(" ", 1))]
         for f in fams:
-            mine = [r for r in rows if r["family"] == f and r["recipe"] == rec]
+            mine = [r for r in rows if r["family"] == f and label(r) == rec]
             ok = [r for r in mine if r["status"] == "ok"]
             if ok:
                 cell = mean_sd([100 * float(r["drop"]) for r in ok])
@@ -327,7 +339,7 @@ def reasons(rows: list[dict]) -> str:
     seen = {}
     for r in rows:
         if r["status"] != "ok":
-            seen.setdefault((r["family"], r["recipe"], r["status"]), r["reason"])
+            seen.setdefault((r["family"], label(r), r["status"]), r["reason"])
     return "\n".join(f"- {f} / `{rec}` ({s}): {why}" for (f, rec, s), why in sorted(seen.items()))
 
 
@@ -337,12 +349,12 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fams = [f for f in FAMILIES if any(r["family"] == f for r in rows)]
-    recs = [r for r in RECIPES if any(x["recipe"] == r for x in rows)]
+    recs = labels(rows)
     grid = np.full((len(recs), len(fams)), np.nan)
     text = [["" for _ in fams] for _ in recs]
     for i, rec in enumerate(recs):
         for j, f in enumerate(fams):
-            mine = [r for r in rows if r["family"] == f and r["recipe"] == rec]
+            mine = [r for r in rows if r["family"] == f and label(r) == rec]
             ok = [100 * float(r["drop"]) for r in mine if r["status"] == "ok"]
             if ok:
                 grid[i, j] = statistics.mean(ok)
@@ -368,7 +380,8 @@ def main(argv=None):
     p.add_argument("--families", nargs="+", default=FAMILIES, choices=FAMILIES)
     p.add_argument("--recipes", nargs="+", default=RECIPES, choices=RECIPES)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--cap", type=int, default=5, help="cap on every epoch count of every recipe")
+    p.add_argument("--cap", type=int, default=5, help="cap on every epoch count of every recipe (0: none; "
+                   "such rows are their own line in the table)")
     p.add_argument("--threads", type=int, default=1, help="1: on a shared 2-core machine more threads thrash")
     p.add_argument("--out", type=Path, default=OUT / "defaults.csv")
     p.add_argument("--table", action="store_true", help="print the markdown table of --out and redraw its plot")
@@ -385,7 +398,7 @@ def main(argv=None):
     register_models()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = list(csv.DictReader(open(args.out))) if args.out.exists() else []
-    seen = {(r["family"], r["recipe"], r["seed"]) for r in done}
+    seen = {(r["family"], r["recipe"], r["seed"], str(r["cap"])) for r in done}
     new = not args.out.exists()
     with open(args.out, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
@@ -393,7 +406,7 @@ def main(argv=None):
             w.writeheader()
         for seed in args.seeds:
             for family in args.families:
-                todo = [r for r in args.recipes if (family, r, str(seed)) not in seen]
+                todo = [r for r in args.recipes if (family, r, str(seed), str(args.cap)) not in seen]
                 if not todo:
                     continue
                 if family == "crepe-tiny" and crepe_weights() is None:
