@@ -366,7 +366,8 @@ def plot(rows: list[dict], path: Path) -> None:
     im = ax.imshow(np.clip(grid, 0, 30), cmap="Reds", vmin=0, vmax=30, aspect="auto")
     for i in range(len(recs)):
         for j in range(len(fams)):
-            ax.text(j, i, text[i][j], ha="center", va="center", fontsize=8)
+            ax.text(j, i, text[i][j], ha="center", va="center", fontsize=8,
+                    color="white" if grid[i, j] > 15 else "black")  # nan > 15 is False
     ax.set_xticks(range(len(fams)), fams, rotation=20)
     ax.set_yticks(range(len(recs)), recs)
     fig.colorbar(im, label="accuracy drop, points (dense - ONNX; mean of seeds; clipped at 30)")
