@@ -40,3 +40,17 @@ def test_unstructured_ticket_converts_to_channels():
     report = run("magnitude", "search.method=snip", "convert.structure=channels", "search.sparsity=0.5")
     assert report["macs"]["compressed"] <= 0.55 * report["macs"]["dense"]
     assert any("not channel-structured" in n for n in report["notes"])
+
+
+def test_cts_channels_below_the_smallest_selection_searches_at_it():
+    """A ViT whose parts no group holds cost more than the target: the gates once started with a
+    budget of 0 (ZeroDivisionError in the balance); the search now aims at the smallest selection and
+    the report says the target was out of reach."""
+    kwargs = {"in_channels": 1, "image_size": 8, "patch_size": 2, "dim": 32, "depth": 2, "heads": 4}
+    torch.save(models.build("vit", kwargs).state_dict(), "vit.pt")
+    r = resolve("cts-channels", ["finetune.epochs=0", "search.steps=3", "validate.repeats=3", "validate.warmup=1",
+                                 "validate.max_seconds=0.5", "search.target_macs=0.3"])
+    report = compress(Job(model_path="vit.pt", recipe=r, data="digits", arch="vit", arch_kwargs=kwargs, out="out",
+                          ui=SILENT))
+    assert report["macs"]["compressed"] < report["macs"]["dense"]
+    assert any("above search.target_macs 0.3" in n for n in report["notes"])

@@ -44,6 +44,14 @@ def search(ctx: SearchContext, method) -> SearchResult:
     # MACs, or with a budget in speed, latency or bytes the measured cost (channels/cost.py)
     cost, target, cost_info = channel_cost.for_recipe(model, plan, ctx.recipe, example, ctx.ui.log)
     uniform = plan.uniform_counts(target, cost)
+    smallest = [min(g.size, ctx.recipe.convert.round_to) for g in plan.groups]
+    if plan.groups and cost(smallest) > target * cost.dense:
+        # What no group holds (embeddings, streams left whole) costs more than the target: the units
+        # would start with nothing to keep. Search at the smallest selection instead; the selection
+        # step says the budget is out of reach.
+        uniform = [float(c) for c in smallest]
+        ctx.ui.log(f"search: the budget is below the smallest channel selection ({cost(smallest) / cost.dense:.3f} "
+                   f"of the dense {cost.name}); searching at that")
     frac = min(max(uniform[0] / plan.groups[0].size if plan.groups else 1.0, 1e-3), 1 - 1e-3)
     per_channel = plan.marginal_costs(uniform, cost)
     scale = cost.dense  # costs in units of the dense model's cost keep GRADBALANCE's numbers O(1)
