@@ -130,8 +130,8 @@ def test_latency_table_is_measured_once_then_read_from_the_cache(tmp_path, monke
                                "validate.budget_batch=4"]), example)
     assert len(timed) > first and not info3["latency_table"]["cached"] and info3["latency_table"]["batch"] == 4
 
-    # a table timed in other sessions (spinning off, as before issue 19 item 6) is timed again
-    monkeypatch.setattr(latency_table.latency, "SESSION_OPTIONS", "intra-op spinning off, 1 inter-op thread")
+    # a table timed in sessions with other options (plain ones, spinning on) is timed again
+    monkeypatch.setattr(latency_table.latency, "SESSION_OPTIONS", "plain: intra_op_num_threads only")
     before = len(timed)
     _, _, info4 = channel_cost.for_recipe(model, plan, recipe, example)
     assert len(timed) > before and not info4["latency_table"]["cached"]

@@ -12,11 +12,12 @@ Why this way:
   comes in bursts that span many consecutive runs (an i.i.d. bootstrap would make the interval too
   narrow). What differs between processes, which no run within one shows, is added as a fixed
   SYSTEMATIC term.
-- A fixed intra-op thread count, so that the numbers mean the same on a runner with more cores,
-  and nothing else: the sessions are plain ones (ONNX Runtime's default options), so the speed-up
-  is what a user's own `InferenceSession` with that thread count measures. Turning intra-op
-  spinning off (as this module once did with more than one thread) made both models faster when
-  interleaved and the speed-up larger than a plain session's (docs/plain-session-timing.md).
+- A fixed intra-op thread count, so that the numbers mean the same on a runner with more cores.
+  With more than one thread, spinning is off: a session's idle workers would otherwise busy-wait
+  on the cores its interleaved partner (and the other session instances) are about to use. Tried
+  this stop with plain sessions (spinning on), the measured rounds of a budget timed a selection
+  that a plain session runs at 1.65x as 2.49x, and the verify step's interval was 1.38-2.77x: the
+  interleaved pairs measure each other's spinning (docs/plain-session-timing.md).
 
 Only numpy and onnxruntime are imported (`ticketforge bench` runs on a board without torch)."""
 from __future__ import annotations
@@ -99,17 +100,20 @@ def environment(provider: str, threads: int) -> dict:
 
 
 # What session_options() sets, for what depends on it (the latency table's cache key, the report).
-SESSION_OPTIONS = "plain: intra_op_num_threads only"
+SESSION_OPTIONS = "intra-op spinning off with more than one thread, 1 inter-op thread"
 
 
 def session_options(threads: int = 1) -> ort.SessionOptions:
-    """A plain session's options with the thread count set: what a user's InferenceSession runs with
-    (ONNX Runtime's defaults: graph optimisation ENABLE_ALL, intra-op spinning on, default inter-op
-    threads), so that the report's speed-up is the one they will measure. Only the log level differs,
-    which times nothing: warnings on the latency table's one-layer models would clutter the run's log."""
+    """The timing sessions' options: the thread count, one inter-op thread and, with more than one
+    intra-op thread, no spinning (see the module's docstring). Warnings are off: on the latency
+    table's one-layer models they would clutter the run's log."""
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = resolve_threads(threads)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    opts.intra_op_num_threads = resolve_threads(threads)
+    opts.inter_op_num_threads = 1
+    if opts.intra_op_num_threads > 1:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
