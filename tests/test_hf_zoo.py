@@ -64,16 +64,16 @@ def convert(arch: str, structure: str):
     """(dense model, converted model, example, converted info) as the pipeline's convert step makes them."""
     model, x = build(arch)
     dense = copy.deepcopy(model)
-    name = {"unstructured": "magnitude", "2:4": "magnitude-2to4", "channels": "magnitude-channels",
-            "blocks": "cts-blocks"}[structure]
-    r = recipes.resolve(name, ["convert.round_to=4"] if structure == "channels" else [])
+    name = {"unstructured": "magnitude", "2:4": "magnitude-2to4", "4:8": "magnitude-2to4",
+            "channels": "magnitude-channels", "blocks": "cts-blocks"}[structure]
+    r = recipes.resolve(name, ["convert.round_to=4"] if structure == "channels" else [f"convert.structure={structure}"])
     s = structures.get(r.convert.structure)
     mask = None
     if structure == "unstructured":
         scores = {k: w.detach().abs() for k, w in prunable(model).items()}
         mask = global_topk(scores, keep_count(sum(v.numel() for v in scores.values()), 0.5))
-    elif structure == "2:4":
-        mask = pattern.nm_masks(model, {k: w.detach().abs() for k, w in prunable(model).items()})
+    elif structure in ("2:4", "4:8"):
+        mask = pattern.nm_masks(model, {k: w.detach().abs() for k, w in prunable(model).items()}, s.pattern)
     elif structure == "blocks":
         names = removable_blocks(model, x)
         assert names, f"{arch}: no removable block found"
@@ -87,7 +87,7 @@ def convert(arch: str, structure: str):
 # architecture brings something new: depthwise convs and TF padding (MobileNetV2), squeeze-excitation
 # (EfficientNet), grouped convs (RegNet), LayerNorm over channels and layer scale (ConvNeXt),
 # windows and a per-head bias table (Swin), post-norm blocks (BERT, DistilBERT).
-CASES = [(a, s) for a in ("resnet", "vit", "bert") for s in ("unstructured", "2:4", "channels", "blocks")] + [
+CASES = [(a, s) for a in ("resnet", "vit", "bert") for s in ("unstructured", "2:4", "4:8", "channels", "blocks")] + [
     ("mobilenetv2", "channels"), ("mobilenetv2", "blocks"), ("efficientnet", "channels"), ("efficientnet", "blocks"),
     ("regnet", "channels"), ("regnet", "blocks"), ("convnext", "channels"), ("convnext", "blocks"),
     ("swin", "channels"), ("swin", "blocks"), ("distilbert", "blocks"), ("distilbert", "2:4")]
@@ -105,8 +105,8 @@ def test_zoo(arch, structure, tmp_path):
     assert d["macs"] and c["macs"], (d["macs_unknown"], c["macs_unknown"])
     if structure == "unstructured":
         assert c["sparsity"] > 0.45
-    elif structure == "2:4":
-        back = pattern.onnx_groups(tmp_path / "model.onnx")
+    elif structure in ("2:4", "4:8"):
+        back = pattern.onnx_groups(tmp_path / "model.onnx", structures.get(structure).pattern)
         assert back["groups"] > 0 and back["bad"] == 0
     else:  # the structure really changed: weights and MACs gone from the exported graph
         assert c["weights"] < d["weights"] and c["macs"] < d["macs"], (arch, structure, info)
