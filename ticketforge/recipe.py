@@ -223,10 +223,6 @@ class Recipe:
 
 # ---------------------------------------------------------------- validation
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
 def choices_of(meta) -> list | None:
     """A field's allowed values: a list, or a callable that returns one (a registry's names)."""
     choices = meta.get("choices")

@@ -22,8 +22,6 @@ from ticketforge.masks import Mask, prunable
 from ticketforge.sparse_storage import load_dense
 from ticketforge.structures.nm.layout import TWO_FOUR, Pattern
 
-N, M = TWO_FOUR.n, TWO_FOUR.m
-
 
 def ineligible_reason(shape: tuple[int, ...], pat: Pattern = TWO_FOUR) -> str | None:
     """None when a weight of this shape (out, in, *kernel) qualifies, else why not."""
