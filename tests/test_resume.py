@@ -129,3 +129,34 @@ def test_a_stop_request_whose_exception_was_lost_still_stops_before_the_output(t
     with pytest.raises(errors.Terminated):
         compress(job)
     assert ran and not Path("stopped").exists() and not Path(".stopped.tmp").exists()
+
+
+def test_a_lost_stop_request_prints_no_traceback(monkeypatch, capsys):
+    """CI once caught SIGTERM landing in an import lock's weakref callback: Python printed
+    "Exception ignored ... Traceback" for the dropped Terminated. The hook keeps that quiet (the
+    flag stops the run) and still reports any other lost exception."""
+    import gc
+    import sys
+    import weakref
+
+    from ticketforge import errors
+
+    monkeypatch.setattr(sys, "unraisablehook", errors.quiet_lost_terminations)
+
+    class Thing:
+        pass
+
+    def lose(exc):
+        obj = Thing()
+        def callback(_ref, exc=exc):
+            raise exc
+        ref = weakref.ref(obj, callback)
+        del obj
+        gc.collect()
+        return ref
+
+    lose(errors.Terminated())
+    assert capsys.readouterr().err == ""
+    lose(ValueError("a real bug"))
+    err = capsys.readouterr().err
+    assert "ValueError: a real bug" in err and "Traceback" in err

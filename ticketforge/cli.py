@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import json
-import signal
 import sys
 import threading
 from pathlib import Path
@@ -39,7 +38,7 @@ def guarded(fn):
         debug = kwargs.get("debug", False)
         ui = UI()
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, errors.terminate)
+            errors.install_sigterm()
         try:
             return fn(*args, **kwargs)
         except UserError as exc:

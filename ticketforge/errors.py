@@ -1,5 +1,8 @@
 """The two kinds of failure the command line distinguishes (exit codes are a contract)."""
 
+import signal
+import sys
+
 
 class UserError(Exception):
     """Bad usage or bad input: one clear line for the user, exit code 2."""
@@ -27,6 +30,20 @@ def terminate(signum=None, frame=None):
     global _terminated
     _terminated = True
     raise Terminated()
+
+
+def quiet_lost_terminations(unraisable) -> None:
+    """sys.unraisablehook: a Terminated raised inside a finalizer or an import lock's weakref
+    callback cannot propagate and Python would print its traceback. The flag is already set, so the
+    runner stops at its next check; say nothing here. Anything else goes to the default hook."""
+    if isinstance(unraisable.exc_value, Terminated):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def install_sigterm() -> None:
+    signal.signal(signal.SIGTERM, terminate)
+    sys.unraisablehook = quiet_lost_terminations
 
 
 def raise_if_terminated() -> None:
