@@ -23,7 +23,7 @@ from torch.func import functional_call
 
 from ticketforge import device as device_mod
 from ticketforge.errors import UserError
-from ticketforge.masks import Mask, global_topk, keep_count, prunable
+from ticketforge.masks import Mask, global_topk, keep_count, prunable, topk_masks
 from ticketforge.search.base import SearchContext, SearchResult, Units
 from ticketforge.search.start import starting_point
 
@@ -184,12 +184,10 @@ class _TopK:
 
     @torch.no_grad()
     def converged(self, params: list[torch.Tensor]) -> bool:
-        flat = torch.cat([a.detach().reshape(-1) for a in params])
-        k = min(self.rule.keep, flat.numel())
-        cur = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-        cur[torch.topk(flat, k, sorted=False).indices] = True
+        k = min(self.rule.keep, sum(a.numel() for a in params))
+        cur = topk_masks(params, k)
         if self.prev is not None:
-            self.last = float((cur & self.prev).sum()) / k  # the one host sync of a check
+            self.last = float(sum((c & p).sum() for c, p in zip(cur, self.prev))) / k
             self.run = self.run + 1 if self.last > self.rule.overlap else 0
         self.prev = cur
         return self.run >= self.rule.window
