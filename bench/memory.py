@@ -116,7 +116,9 @@ def child(a) -> dict:
     import torch
 
     torch.set_num_threads(a.threads)
-    from ticketforge import adapt, finetune, recipe as recipes
+    from ticketforge import adapt, device as device_mod, finetune, recipe as recipes
+
+    device_mod.return_freed_memory()  # as ticketforge compress does
     from ticketforge.data import load_data
     from ticketforge.loading import LoadedModel
     from ticketforge.masks import global_topk, keep_count, prunable
