@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import math
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Callable
 
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
+from torch.nn.utils import parametrize
 
 from ticketforge import device as device_mod
 from ticketforge.errors import UserError
@@ -102,6 +104,105 @@ class _Named(Mapping):
 
     def __len__(self) -> int:
         return len(self.index)
+
+
+class _WeightGates:
+    """Unstructured CTS's gates inside the layers: every gated weight is parametrized as weight x
+    mask, the mask read from the step's Draw when the layer reads its weight (the teacher's forward
+    reads the plain weight). What autograd would keep of a masked weight for the backward pass (the
+    masked weight, or a view of it such as Linear's transpose) is recomputed there instead
+    (saved_tensors_hooks): the search holds no masked copy of the weights. Under autocast the masked
+    weight is made in the autocast dtype, so that the layer's own cast is no copy to keep either."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.model, self.names = model, names
+        self.draw: Draw | None = None
+        self.made: dict[int, tuple] = {}
+        self.owners: list[tuple[nn.Module, list[str]]] = []
+
+    def __enter__(self):
+        modules = dict(self.model.named_modules())
+        holders = {}  # a weight tied to others (an LM head and its embedding) is gated wherever it is used
+        for mod in modules.values():
+            w = mod._parameters.get("weight")
+            if w is not None:
+                holders.setdefault(id(w), []).append(mod)
+        for i, name in enumerate(self.names):
+            for owner in holders[id(modules[name.rpartition(".")[0]].weight)]:
+                if parametrize.is_parametrized(owner, "weight"):  # two names for one shared weight: one gate
+                    continue
+                self.owners.append((owner, list(owner._parameters)))
+                parametrize.register_parametrization(owner, "weight", _Gated(self, i))
+        return self
+
+    def __exit__(self, *exc):
+        for owner, order in self.owners:  # the original Parameter objects go back, in their order
+            parametrize.remove_parametrizations(owner, "weight", leave_parametrized=False)
+            params = owner._parameters
+            ordered = [(k, params[k]) for k in order]
+            params.clear()
+            params.update(ordered)
+        self.owners, self.made, self.draw = [], {}, None
+        return False
+
+    def teacher(self, x: torch.Tensor):
+        self.draw = None
+        return self.model(x)
+
+    def student(self, draw: Draw, x: torch.Tensor):
+        # the draw stays set through the backward pass, where masked weights are recomputed from it
+        self.draw = draw
+        self.made.clear()
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            return self.model(x)
+
+    def masked(self, i: int, w: torch.Tensor, draw: Draw) -> torch.Tensor:
+        out = w * draw[i].to(w.dtype)
+        if torch.is_autocast_enabled(w.device.type):
+            out = out.to(torch.get_autocast_dtype(w.device.type))
+        return out
+
+    def _gate(self, i: int, w: torch.Tensor) -> torch.Tensor:
+        if self.draw is None:
+            return w
+        out = self.masked(i, w, self.draw)
+        self.made[id(out)] = (weakref.ref(out), i, w, self.draw)
+        return out
+
+    def _pack(self, t: torch.Tensor):
+        for base in (t, t._base):
+            entry = self.made.get(id(base)) if base is not None else None
+            if entry is not None and entry[0]() is base:
+                return _Recompute(entry[1:], base is t, t.size(), t.stride(), t.storage_offset())
+        return t
+
+    def _unpack(self, packed):
+        if not isinstance(packed, _Recompute):
+            return packed
+        i, w, draw = packed.entry
+        with torch.no_grad():
+            base = self.masked(i, w, draw)
+        return base if packed.whole else base.as_strided(packed.size, packed.stride, packed.offset)
+
+
+@dataclasses.dataclass
+class _Recompute:
+    entry: tuple
+    whole: bool
+    size: torch.Size
+    stride: tuple
+    offset: int
+
+
+class _Gated(nn.Module):
+    """The parametrization of gated weight i."""
+
+    def __init__(self, gates: _WeightGates, i: int):
+        super().__init__()
+        self.gates, self.i = [gates], i  # in a list: not a submodule
+
+    def forward(self, w):
+        return self.gates[0]._gate(self.i, w)
 
 
 def objective(name: str, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -329,10 +430,12 @@ def optimise_gates(params: list[torch.Tensor], costs: list[torch.Tensor], kept_c
 
 
 def concrete_search(ctx: SearchContext, logits: dict[str, torch.Tensor], costs: dict[str, torch.Tensor],
-                    kept_cost: float, overrides: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+                    kept_cost: float, overrides: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None,
                     desc: str = "search (CTS)", keep: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Train gate logits with frozen weights. `overrides(soft_masks)` returns the parameters to
-    substitute in the model's forward (e.g. {name: weight * mask}). With `keep` (the number of
+    substitute in the model's forward (e.g. {name: weight * mask}); None: one gate per weight, the
+    logits named as the weights they gate (unstructured CTS), applied inside the layers with no
+    masked copy of the weights kept (_WeightGates). With `keep` (the number of
     gates the result keeps, by global top-k) the search stops once that set has converged
     (search.stop_overlap, search.stop_window) and search.epochs is only the cap. Returns the
     trained logits and a summary for the report."""
@@ -350,6 +453,8 @@ def concrete_search(ctx: SearchContext, logits: dict[str, torch.Tensor], costs: 
     stop = StopRule.from_recipe(cfg, keep, len(data)) if keep is not None else None
     prec = search_precision(device)
 
+    gates = _WeightGates(model, names) if overrides is None else None
+
     def loss_fn(soft, x, y):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with prec.autocast(device), bn_batch_stats(model):
@@ -357,15 +462,18 @@ def concrete_search(ctx: SearchContext, logits: dict[str, torch.Tensor], costs: 
             # have no running statistics, and a fresh or rewound model's running ones are not the
             # batch's, so with every gate on the objective would not be 0.
             with torch.no_grad():
-                teacher = model(x)
-            # the masks are read from the Draw one by one, as `overrides` uses them
-            student = functional_call(model, dict(overrides(_Named(names, soft))), (x,), strict=False)
+                teacher = model(x) if gates is None else gates.teacher(x)
+            if gates is not None:
+                student = gates.student(soft, x)
+            else:  # the masks are read from the Draw one by one, as `overrides` uses them
+                student = functional_call(model, dict(overrides(_Named(names, soft))), (x,), strict=False)
         return objective(cfg.objective, student, teacher, y)
 
     try:
-        info = optimise_gates(params, cost_list, kept_cost, loss_fn, data, total, lr=cfg.lr,
-                              temperature=cfg.temperature, balance=cfg.balance, budget_slack=cfg.budget_slack,
-                              stop=stop, ui=ctx.ui, desc=desc)
+        with gates if gates is not None else contextlib.nullcontext():
+            info = optimise_gates(params, cost_list, kept_cost, loss_fn, data, total, lr=cfg.lr,
+                                  temperature=cfg.temperature, balance=cfg.balance, budget_slack=cfg.budget_slack,
+                                  stop=stop, ui=ctx.ui, desc=desc)
     finally:
         for p, wanted in frozen:  # give back exactly what the user had frozen or not
             p.requires_grad_(wanted)
@@ -432,23 +540,19 @@ def cts(ctx: SearchContext) -> SearchResult:
     total = sum(w.numel() for w in weights.values())
     keep = keep_count(total, sparsity)
     costs = {n: torch.ones((), dtype=torch.float32) for n in weights}
-
-    def overrides(soft):
-        return {n: weights[n] * soft[n].to(weights[n].dtype) for n in soft}
-
     plan = stage_plan(total, sparsity, cfg.stages)
     if len(plan) == 1:
         logits = weight_logits(ctx.model, 1 - sparsity)
-        trained, info = concrete_search(ctx, logits, costs, float(keep), overrides, keep=keep)
+        trained, info = concrete_search(ctx, logits, costs, float(keep), None, keep=keep)
         mask = topk_with_floor(trained, keep, cfg.min_per_output)
         info.update({"method": "cts", "kept": mask.kept, "total": total, **start.info})
         if cfg.min_per_output:
             info["min_per_output"] = cfg.min_per_output
         return SearchResult(model=ctx.model, mask=mask, info=info, scores=trained, schedule=start.schedule)
-    return _staged(ctx, start, plan, weights, costs, overrides, total)
+    return _staged(ctx, start, plan, weights, costs, total)
 
 
-def _staged(ctx: SearchContext, start, plan: list[int], weights, costs, overrides, total: int) -> SearchResult:
+def _staged(ctx: SearchContext, start, plan: list[int], weights, costs, total: int) -> SearchResult:
     """search.stages > 1: each stage searches among the survivors of the last (the pruned weights are
     zero and their gates shut), keeping plan[i] weights; between stages the survivors are fine-tuned
     for search.stage_epochs (the `finetune` section's optimizer), and the next stage's teacher is that
@@ -473,7 +577,7 @@ def _staged(ctx: SearchContext, start, plan: list[int], weights, costs, override
         logits = {n: torch.full_like(w, init, dtype=torch.float32) if mask is None else
                   torch.where(mask[n].to(w.device), torch.full_like(w, init, dtype=torch.float32),
                               torch.full_like(w, -30.0, dtype=torch.float32)) for n, w in weights.items()}
-        trained, info = concrete_search(sctx, logits, costs, float(kept), overrides, keep=kept,
+        trained, info = concrete_search(sctx, logits, costs, float(kept), None, keep=kept,
                                         desc=f"search (CTS stage {i + 1}/{len(plan)})")
         mask = topk_with_floor(trained, kept, cfg.min_per_output, allowed=mask)
         row = {"stage": i + 1, "kept": mask.kept, "sparsity": mask.sparsity, "steps": info["steps"]}
