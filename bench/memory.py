@@ -14,7 +14,8 @@ Data: random token ids, sequence length --seq with an attention mask (half to al
 
 Each model x step runs in its own child process, through the library's own functions:
   search    ticketforge.search.cts.cts, recipe `cts` (90% unstructured), --search-steps steps at
-            --batch (the stop rule's top-k checks run every step, so their cost is counted)
+            --batch (the stop rule's top-k checks run every step, so their cost is counted);
+            --checkpoint sets search.checkpoint (each transformer layer recomputed in the backward)
   finetune  ticketforge.finetune.fit with a 90% magnitude mask and the `cts` recipe's finetune
             section (SGD with momentum, distilling from a copy of the dense model as the pipeline
             does), one epoch of --finetune-steps steps at --batch
@@ -133,7 +134,8 @@ def child(a) -> dict:
         bundle = load_data(str(tokens(tmp / "tokens.npz", a.batch * steps, a.batch, a.seq, model.config.vocab_size)))
         io = adapt.fit(model, bundle.inputs, bundle.example(2))
         recipe = recipes.resolve("cts", [f"search.steps={a.search_steps}", f"search.batch_size={a.batch}",
-                                         f"finetune.batch_size={a.batch}", "finetune.epochs=1"])
+                                         f"finetune.batch_size={a.batch}", "finetune.epochs=1",
+                                         f"search.checkpoint={str(a.checkpoint).lower()}"])
         device = torch.device("cpu")
         if a.step != "search":
             mask = global_topk({n: w.detach().abs() for n, w in prunable(model).items()},
@@ -177,6 +179,7 @@ def child(a) -> dict:
         seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"model": a.model, "step": a.step, "label": a.label, "batch": a.batch, "seq": a.seq, "steps": steps,
+            "checkpoint": a.checkpoint if a.step == "search" else None,
             "threads": a.threads, "params_m": round(weight_bytes / 4e6, 1), "weight_gib": round(weight_bytes / GIB, 3),
             "prunable_gib": round(prunable_bytes / GIB, 3), "baseline_gib": round(base["VmRSS"] * 1024 / GIB, 2),
             "peak_gib": round(peak / GIB, 2), "x_weights": round(peak / weight_bytes, 2),
@@ -236,6 +239,7 @@ def main() -> int:
     ap.add_argument("--search-steps", type=int, default=4)
     ap.add_argument("--finetune-steps", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--checkpoint", action="store_true", help="search with search.checkpoint (layers recomputed)")
     ap.add_argument("--label", default=None, help="names this run's rows (default: the git revision)")
     ap.add_argument("--append", action="store_true", help="keep earlier rows of other labels")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -251,7 +255,8 @@ def main() -> int:
     if a.append and (a.out / "memory.json").exists():
         rows = json.loads((a.out / "memory.json").read_text())["rows"]
     common = ["--batch", str(a.batch), "--seq", str(a.seq), "--search-steps", str(a.search_steps),
-              "--finetune-steps", str(a.finetune_steps), "--threads", str(a.threads), "--label", a.label]
+              "--finetune-steps", str(a.finetune_steps), "--threads", str(a.threads), "--label", a.label,
+              *(["--checkpoint"] if a.checkpoint else [])]
     for model in a.models.split(","):
         for step in a.steps.split(","):
             p = subprocess.run([sys.executable, __file__, "--child", model, step, *common], cwd=ROOT,

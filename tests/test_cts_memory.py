@@ -82,7 +82,8 @@ def _models():
             ("cnn", models.build("digits-resnet", {"width": 4}), torch.rand(3, 1, 8, 8))]
 
 
-def test_weight_gates_compute_what_substituted_masked_weights_do_and_keep_none():
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_weight_gates_compute_what_substituted_masked_weights_do_and_keep_none(checkpoint):
     pytest.importorskip("transformers")
     for name, model, x in _models():
         model.eval()
@@ -99,7 +100,7 @@ def test_weight_gates_compute_what_substituted_masked_weights_do_and_keep_none()
 
         ref = out(functional_call(model, {n: weights[n] * draw[i] for i, n in enumerate(names)}, (x,)))
         ref_grads = torch.autograd.grad(ref.square().sum(), logits)
-        with _WeightGates(model, names) as gates:
+        with _WeightGates(model, names, checkpoint) as gates:
             with torch.no_grad():
                 teacher = out(gates.teacher(x))
             student = out(gates.student(draw, x))
@@ -149,6 +150,40 @@ def test_gradbalance_in_place_is_the_list_formula():
     combined, s_got = GradBalance(budget).combine(logits, costs, [t.clone() for t in task])
     assert s > 0 and torch.equal(s_got, s)
     assert all(torch.equal(a, b) for a, b in zip(combined, expected))
+
+
+def test_checkpointed_search_finds_the_same_ticket():
+    """search.checkpoint recomputes layers in the backward pass: the same gradients, the same mask."""
+    pytest.importorskip("transformers")
+    import transformers as T
+
+    def ctx(sets):
+        torch.manual_seed(0)
+        model = T.BertForSequenceClassification(T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                             num_attention_heads=4, intermediate_size=64,
+                                                             num_labels=3)).eval()
+        model.register_forward_hook(lambda m, a, o: o.logits)
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randint(1, 100, (32, 9), generator=g), torch.randint(0, 3, (32,), generator=g)
+        recipe = recipes.resolve("cts", ["search.batch_size=8", "search.steps=6", "search.sparsity=0.8", *sets])
+        bundle = DataBundle(train=TensorDataset(x, y), val=TensorDataset(x[:8], y[:8]), spec="test")
+        return SearchContext(model=model, loaded=LoadedModel(model=model), data=bundle, recipe=recipe,
+                             device=torch.device("cpu"))
+
+    torch.manual_seed(1)
+    plain = cts(ctx([]))
+    torch.manual_seed(1)
+    kept = cts(ctx(["search.checkpoint=true"]))
+    assert all(torch.equal(plain.scores[n], kept.scores[n]) for n in plain.scores)
+    assert all(torch.equal(plain.mask[n], kept.mask[n]) for n in plain.mask)
+
+
+def test_checkpoint_is_a_cts_weight_search_key():
+    from ticketforge.errors import UserError
+
+    recipes.resolve("cts", ["search.checkpoint=true"])
+    with pytest.raises(UserError, match="checkpoint"):
+        recipes.resolve("magnitude", ["search.checkpoint=true"])
 
 
 def test_planted_ticket_is_found_through_the_weight_gates():

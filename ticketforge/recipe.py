@@ -78,6 +78,10 @@ class SearchConfig:
     min_per_output: int = opt(0, "CTS: keep at least this many weights of every output unit (a conv's output "
                               "channel, a Linear's row: no dead class, no dead stem channel), the highest-scored "
                               "of each; the rest by global top-k", lo=0)
+    checkpoint: bool = opt(False, "CTS on weights: recompute the activations of each layer of the model's "
+                           "nn.ModuleList containers (a transformer's layers) in the backward pass instead of keeping "
+                           "them: the search then holds one layer's activations, not all, for a second forward of "
+                           "each layer (BERT-base on CPU: 4-10% more time per step; docs/memory.md)")
     sanity: bool = opt(False, "also train the sanity-check variants (shuffled, inverted, re-initialised)")
     # Budgets users think in (ticketforge.budget): each replaces sparsity / target_macs / blocks.
     target_speedup: Optional[float] = opt(None, "channels / blocks: measured speed-up of model.onnx over dense.onnx "

@@ -17,7 +17,7 @@ from ticketforge.registry import Registry
 COMMON_KEYS = ("method", "start", "sanity")
 CTS_KEYS = ("epochs", "steps", "min_steps", "lr", "batch_size", "objective", "temperature", "balance", "budget_slack",
             "stop_overlap", "stop_window", "check_every")
-CTS_WEIGHT_KEYS = CTS_KEYS + ("stages", "stage_epochs", "min_per_output")  # `cts` only (search/cts.py)
+CTS_WEIGHT_KEYS = CTS_KEYS + ("stages", "stage_epochs", "min_per_output", "checkpoint")  # `cts` only (search/cts.py)
 ALL_STARTS = ("trained", "rewind", "init")
 
 

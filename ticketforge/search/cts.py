@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import time
 import weakref
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
+from torch.utils.checkpoint import checkpoint
 
 from ticketforge import device as device_mod
 from ticketforge.errors import UserError
@@ -112,13 +114,16 @@ class _WeightGates:
     reads the plain weight). What autograd would keep of a masked weight for the backward pass (the
     masked weight, or a view of it such as Linear's transpose) is recomputed there instead
     (saved_tensors_hooks): the search holds no masked copy of the weights. Under autocast the masked
-    weight is made in the autocast dtype, so that the layer's own cast is no copy to keep either."""
+    weight is made in the autocast dtype, so that the layer's own cast is no copy to keep either.
+    With `checkpoint` (search.checkpoint) every layer of the model's nn.ModuleLists runs under
+    activation checkpointing: its forward, masked weights included, is redone in the backward pass."""
 
-    def __init__(self, model: nn.Module, names: list[str]):
-        self.model, self.names = model, names
+    def __init__(self, model: nn.Module, names: list[str], checkpoint: bool = False):
+        self.model, self.names, self.checkpoint = model, names, checkpoint
         self.draw: Draw | None = None
         self.made: dict[int, tuple] = {}
         self.owners: list[tuple[nn.Module, list[str]]] = []
+        self.layers: list[nn.Module] = []
 
     def __enter__(self):
         modules = dict(self.model.named_modules())
@@ -133,9 +138,21 @@ class _WeightGates:
                     continue
                 self.owners.append((owner, list(owner._parameters)))
                 parametrize.register_parametrization(owner, "weight", _Gated(self, i))
+        if self.checkpoint:
+            # Each layer's forward is recomputed in the backward pass, its masked weights with it
+            # (from the step's Draw, still set then): only the layers' inputs are kept.
+            gated = {id(owner) for owner, _ in self.owners}
+            for layers in [m for m in modules.values() if isinstance(m, nn.ModuleList)]:
+                for layer in layers:
+                    if any(id(m) in gated for m in layer.modules()) and "forward" not in vars(layer):
+                        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+                        self.layers.append(layer)
         return self
 
     def __exit__(self, *exc):
+        for layer in self.layers:
+            del layer.forward
+        self.layers = []
         for owner, order in self.owners:  # the original Parameter objects go back, in their order
             parametrize.remove_parametrizations(owner, "weight", leave_parametrized=False)
             params = owner._parameters
@@ -453,7 +470,7 @@ def concrete_search(ctx: SearchContext, logits: dict[str, torch.Tensor], costs: 
     stop = StopRule.from_recipe(cfg, keep, len(data)) if keep is not None else None
     prec = search_precision(device)
 
-    gates = _WeightGates(model, names) if overrides is None else None
+    gates = _WeightGates(model, names, cfg.checkpoint) if overrides is None else None
 
     def loss_fn(soft, x, y):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
