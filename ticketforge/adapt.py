@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ticketforge.errors import UserError
+from ticketforge.masks import include_lm_head
 
 MASK = "attention_mask"
 
@@ -74,6 +75,8 @@ def mask_keyword(model: nn.Module) -> str | None:
 def apply(model: nn.Module, io: dict) -> nn.Module:
     """Install the hooks `io` (from `fit`) describes; also on a freshly built copy of the model."""
     model.ticketforge_inputs = list(io.get("inputs", ["input"]))  # read by graph_inputs(), copies keep it
+    if io.get("prune_lm_head"):  # convert.prune_lm_head (ticketforge.masks)
+        include_lm_head(model, True)
     if io.get("inputs", ["input"])[1:]:
         model.register_forward_pre_hook(functools.partial(_split_hook, keyword=io.get("mask_keyword")),
                                         with_kwargs=True)

@@ -84,7 +84,7 @@ def load_folder(path: Path, trust_pickle: bool = False) -> tuple[nn.Module, dict
                 for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v]
     if problems:
         raise UserError(f"{path}: the weights do not fit {cls.__name__} as config.json describes it: {'; '.join(problems)}")
-    return model.eval(), config_dict(model)
+    return linear_layers(model.eval()), config_dict(model)
 
 
 def config_dict(model: nn.Module) -> dict:
@@ -103,7 +103,45 @@ def build(config: dict) -> nn.Module:
         cfg = T.AutoConfig.for_model(model_type, **data)
     except Exception as exc:
         raise UserError(f"the stored transformers config does not load: {type(exc).__name__}: {exc}") from None
-    return _class(T, cfg, "the stored transformers config")._from_config(cfg, dtype=torch.float32).eval()
+    return linear_layers(_class(T, cfg, "the stored transformers config")._from_config(cfg, dtype=torch.float32).eval())
+
+
+class LinearFromConv1D(nn.Linear):
+    """An nn.Linear that was a transformers `Conv1D` (GPT-2's layers: y = x @ W + b with W stored
+    (in, out)); `save_folder` writes it back as one."""
+
+
+def linear_layers(model: nn.Module) -> nn.Module:
+    """Every transformers `Conv1D` replaced by the nn.Linear it equals (weight transposed), in place.
+    Done once, where an HF model is loaded or built (so a ticket's weights, saved in this layout,
+    load back), rather than teaching a second weight layout to everything that reads a layer: the
+    masks (which weights are prunable, N:M groups along the input axis), Torch-Pruning's dependency
+    graph and prune functions, the MAC counts, and the 2:4 read-back from the exported ONNX."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, Conv1D):
+            lin = LinearFromConv1D(mod.nx, mod.nf, device=mod.weight.device, dtype=mod.weight.dtype)
+            with torch.no_grad():
+                lin.weight.copy_(mod.weight.t())
+                lin.bias.copy_(mod.bias)
+            lin.weight.requires_grad_(mod.weight.requires_grad)
+            model.set_submodule(name, lin)
+    return model
+
+
+def _conv1d_layers(model: nn.Module) -> nn.Module:
+    """The inverse of `linear_layers`, in place: what transformers' own classes load."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LinearFromConv1D):
+            conv = Conv1D(mod.out_features, mod.in_features).to(mod.weight.device, mod.weight.dtype)
+            with torch.no_grad():
+                conv.weight.copy_(mod.weight.t())
+                conv.bias.copy_(mod.bias)
+            model.set_submodule(name, conv)
+    return model
 
 
 def save_folder(model: nn.Module, out: Path, source: Path | None) -> list[str]:

@@ -21,6 +21,7 @@ from ticketforge import report as report_stage
 from ticketforge.data import DataBundle, check_against_model, load_data
 from ticketforge.errors import UserError
 from ticketforge.loading import LoadedModel, load_model
+from ticketforge.masks import include_lm_head
 from ticketforge.recipe import Recipe
 from ticketforge.report_schema import Report
 from ticketforge.runner import Runner, seed_everything
@@ -99,6 +100,9 @@ def load_inputs(job: Job) -> tuple[LoadedModel, DataBundle, int]:
         raise UserError("no data: pass --data (digits, a .npz file, or package.module:callable)")
     bundle = load_data(spec, job.val_fraction, job.seed, job.recipe.data)
     loaded.io = adapt.fit(loaded.model, bundle.inputs, bundle.example(2))
+    if job.recipe.convert.prune_lm_head:  # the copies built later get it from io (adapt.apply)
+        loaded.io["prune_lm_head"] = True
+        include_lm_head(loaded.model, True)
     classes = check_against_model(bundle, loaded.model)
     return loaded, bundle, classes
 

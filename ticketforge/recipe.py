@@ -139,6 +139,8 @@ class ConvertConfig:
     round_to: int = opt(16, "channels: keep multiples of this many channels (runtime vector width)", lo=1)
     nm_decay: str = opt("none", "2:4 fine-tune: hard mask, or pruned weights decayed to zero "
                         "(Progressive Gradient Flow)", choices=["none", "exponential"])
+    prune_lm_head: bool = opt(False, "unstructured, N:M: prune a language model's output embedding (its LM head) too; "
+                              "a head tied to the input embedding is never pruned")
 
 
 @dataclass

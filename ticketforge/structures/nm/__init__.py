@@ -18,7 +18,7 @@ class NM(Structure):
     units = "weights"
     budget_keys = ("sparsity", "max_size_mb")
     fixed_keys = ("sparsity",)  # fixed at 1 - N/M; accepted so that recipes may say so
-    convert_keys = ("nm_decay",)
+    convert_keys = ("nm_decay", "prune_lm_head")
     sparse_kernels = True
     runtime_note = ("2:4 zeros make no CPU runtime faster (measured 0.98-1.04x); the speed-up needs sparse tensor "
                     "cores: TensorRT >= 8 with SPARSE_WEIGHTS (trtexec --sparsity=enable) on Ampere or newer")
