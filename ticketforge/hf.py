@@ -8,6 +8,7 @@ Weights are read from `model.safetensors` (safe by construction); a `pytorch_mod
 and is only read with --trust-pickle."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -144,10 +145,96 @@ def _conv1d_layers(model: nn.Module) -> nn.Module:
     return model
 
 
+def _shapes(cls, config) -> dict[str, tuple]:
+    """The state_dict shapes of `cls` built from `config` (on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        model = linear_layers(cls._from_config(config, dtype=torch.float32))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _drop_removed_layers(model: nn.Module) -> None:
+    """Removed decoder layers out of the layer list, in place; the config's layer count and per-layer
+    list (`layer_types`) and the layers' own `layer_idx` follow."""
+    from ticketforge.structures.blocks.residual import RemovedBlock, passes_input
+
+    config = model.config
+    for name, layers in list(model.named_modules()):
+        if not isinstance(layers, nn.ModuleList) or not any(isinstance(m, RemovedBlock) for m in layers):
+            continue
+        if len(layers) != getattr(config, "num_hidden_layers", None):
+            raise UserError(f"{name} holds removed blocks but is not the model's list of layers")
+        if not all(passes_input(m) for m in layers if isinstance(m, RemovedBlock)):
+            raise UserError("a removed block keeps layers of its own (a post-norm block's LayerNorm), which no "
+                            "transformers config describes")
+        if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+            raise UserError("the attention scaling depends on each layer's index "
+                            "(scale_attn_by_inverse_layer_idx), which renumbering the kept layers would change")
+        kept = [i for i, m in enumerate(layers) if not isinstance(m, RemovedBlock)]
+        for new, old in enumerate(kept):
+            for m in layers[old].modules():
+                if isinstance(getattr(m, "layer_idx", None), int):
+                    m.layer_idx = new
+        model.set_submodule(name, nn.ModuleList([layers[i] for i in kept]))
+        if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) == len(layers):
+            config.layer_types = [config.layer_types[i] for i in kept]
+        config.num_hidden_layers = len(kept)
+
+
+def _read_widths(model: nn.Module, dense: dict[str, tuple]) -> None:
+    """The config's head counts and MLP width set from the layers, where every layer has the same."""
+    from ticketforge.structures.channels.heads import describe
+
+    config = model.config
+    found = {(a.heads, a.kv_heads, a.head_dim) for m in model.modules() if (a := describe(m)) is not None}
+    if len(found) > 1:
+        raise UserError(f"its attention layers kept different numbers of heads {sorted(found)}; a transformers "
+                        "config has one number for every layer")
+    if found:
+        heads, kv, d = found.pop()
+        if heads != config.num_attention_heads or kv != getattr(config, "num_key_value_heads", kv):
+            config.num_attention_heads = heads
+            if hasattr(config, "num_key_value_heads"):
+                config.num_key_value_heads = kv
+            if hasattr(config, "head_dim"):  # else it would be recomputed as hidden_size / heads
+                config.head_dim = d
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for key in ("intermediate_size", "n_inner"):
+        if not hasattr(config, key):
+            continue
+        old = getattr(config, key) or 4 * config.hidden_size  # GPT-2's n_inner: None means 4 x n_embd
+        widths = {shapes[k][axis] for k, shape in dense.items() if k in shapes and len(shape) == 2
+                  for axis in (0, 1) if shape[axis] == old}
+        if len(widths) > 1:
+            raise UserError(f"its MLPs kept different widths {sorted(widths)}; a transformers config has one "
+                            f"{key} for every layer")
+        if widths and widths != {old}:
+            setattr(config, key, widths.pop())
+
+
+def transformers_model(model: nn.Module) -> nn.Module:
+    """A copy of `model` as its transformers class builds it from a config: Conv1D layers back,
+    removed decoder layers dropped (blocks), head counts and MLP width read from the layers
+    (channels). Raises UserError where no config of the class describes it: layers that kept
+    different widths, a removed post-norm block, or heads of a model whose head width follows from
+    the head count (GPT-2: n_embd / n_head)."""
+    model = copy.deepcopy(model).cpu()
+    cls = type(model)
+    _drop_removed_layers(model)
+    _read_widths(model, _shapes(cls, model.config))
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = _shapes(cls, model.config)
+    if got != want:
+        diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        raise UserError(f"no {cls.__name__} config describes the compressed layers (e.g. {diff[0]}: "
+                        f"{want.get(diff[0])} here, {got.get(diff[0])} from the config)")
+    return _conv1d_layers(model)
+
+
 def save_folder(model: nn.Module, out: Path, source: Path | None) -> list[str]:
-    """Write `model` as a save_pretrained folder (model.safetensors); copy the source folder's other
-    files (tokenizer, preprocessor config) so HF tooling keeps working. Returns the file names."""
-    model.save_pretrained(str(out), safe_serialization=True)
+    """Write `model` as a save_pretrained folder (model.safetensors) that its transformers class loads
+    (`transformers_model`); copy the source folder's other files (tokenizer, preprocessor config) so
+    HF tooling keeps working. Returns the file names."""
+    transformers_model(model).save_pretrained(str(out), safe_serialization=True)
     if source is not None and source.is_dir():
         for f in sorted(source.iterdir()):
             if f.is_file() and f.name not in WEIGHT_FILES and not (out / f.name).exists() \

@@ -379,6 +379,19 @@ class RemovedBlock(nn.Module):
         return self.rest(*(_pick(given, n) for n in self.tensors))
 
 
+def passes_input(module: nn.Module) -> bool:
+    """A removed block that computes the identity (a pre-norm transformer layer: nothing of it is
+    left), so a layer list may drop it; a post-norm block keeps its norms and may not."""
+    if not isinstance(module, RemovedBlock) or any(True for _ in module.rest.parameters()):
+        return False
+    graph = getattr(module.rest, "graph", None)
+    if graph is None:
+        return False
+    first = next((n for n in graph.nodes if n.op == "placeholder"), None)
+    out = next(n for n in graph.nodes if n.op == "output")
+    return first is not None and out.args[0] is first
+
+
 def _pick(given: dict, name: str):
     """The argument `call_of` named `name` (`name.i`: element i of a tuple) from a call's arguments."""
     base, _, i = name.partition(".")
