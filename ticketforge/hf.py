@@ -222,7 +222,11 @@ def transformers_model(model: nn.Module) -> nn.Module:
     _drop_removed_layers(model)
     _read_widths(model, _shapes(cls, model.config))
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = _shapes(cls, model.config)
+    try:
+        got = _shapes(cls, model.config)
+    except Exception as exc:  # the class refuses the config (GPT-2: n_embd not a multiple of n_head)
+        raise UserError(f"no {cls.__name__} config describes the compressed layers: "
+                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
     if got != want:
         diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
         raise UserError(f"no {cls.__name__} config describes the compressed layers (e.g. {diff[0]}: "

@@ -74,7 +74,12 @@ class NM(Structure):
             notes.append(f"{p}: {len(state['ineligible'])} layer(s) left dense, not eligible "
                          f"(out % {p.out_multiple}, in % {max(p.in_multiple, p.m)}): "
                          f"{', '.join(state['ineligible'])}")
-        return Converted(model=model, mask=mask, info={"structure": self.name, **state, "notes": notes})
+        whole = pattern.whole_layers(model)
+        if whole:
+            notes.append(f"{p}: a language model's head left dense: {', '.join(whole)} (convert.prune_lm_head; "
+                         "a head tied to the input embedding is never pruned)")
+        return Converted(model=model, mask=mask, info={"structure": self.name, **state, "notes": notes,
+                                                       **({"whole_layers": whole} if whole else {})})
 
     def verify(self, onnx_path, dense_onnx_path, converted, recipe):
         from ticketforge.structures.nm import pattern
