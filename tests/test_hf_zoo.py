@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 T = pytest.importorskip("transformers", reason="the model zoo needs HF transformers (pip install 'ticketforge[hf]')")
 
-from ticketforge import adapt, cli, hf, recipe as recipes, structures, validate  # noqa: E402
+from ticketforge import adapt, cli, hf, recipe as recipes, structures, ticket, validate  # noqa: E402
 from ticketforge.errors import UserError  # noqa: E402
 from ticketforge.export import export_onnx  # noqa: E402
 from ticketforge.masks import global_topk, include_lm_head, keep_count, prunable  # noqa: E402
@@ -78,7 +78,7 @@ def build(arch: str):
 
 
 def convert(arch: str, structure: str):
-    """(dense model, converted model, example, converted info) as the pipeline's convert step makes them."""
+    """(dense model, converted model, example, converted info, spec) as the pipeline's convert step makes them."""
     model, x = build(arch)
     dense = copy.deepcopy(model)
     name = {"unstructured": "magnitude", "2:4": "magnitude-2to4", "4:8": "magnitude-2to4",
@@ -97,7 +97,7 @@ def convert(arch: str, structure: str):
         remove_blocks(model, names[:1], example=x)
     model, mask, _ = s.prepare(model, mask, r, x)
     conv = s.convert(model, mask, r, x)
-    return dense, conv.model.eval(), x, conv.info
+    return dense, conv.model.eval(), x, conv.info, conv.spec
 
 
 # Every structure on a CNN (bottleneck ResNet), a ViT and a text model; the others where their
@@ -113,7 +113,7 @@ CASES = [(a, s) for a in ("resnet", "vit", "bert", "gpt2", "llama")
 
 @pytest.mark.parametrize("arch, structure", CASES)
 def test_zoo(arch, structure, tmp_path):
-    dense, small, x, info = convert(arch, structure)
+    dense, small, x, info, spec = convert(arch, structure)
     cfg = recipes.resolve("magnitude").export
     export_onnx(dense, x[:2], tmp_path / "dense.onnx", cfg)
     export_onnx(small, x[:2], tmp_path / "model.onnx", cfg)
@@ -134,12 +134,13 @@ def test_zoo(arch, structure, tmp_path):
         heads = [n for n, m in small.named_modules() if hasattr(m, "num_attention_heads") or hasattr(m, "n_heads")]
         assert heads  # heads were offered as groups; whether any went is the selection's choice
     if arch in LM:
-        _lm_checks(arch, structure, dense, small, x, info, tmp_path)
+        _lm_checks(arch, structure, dense, small, x, info, spec, tmp_path)
 
 
-def _lm_checks(arch, structure, dense, small, x, info, tmp_path):
+def _lm_checks(arch, structure, dense, small, x, info, spec, tmp_path):
     """A causal LM: embeddings and head as they were (no mask covers them), the ONNX file takes any
-    sequence length, and whole KV groups went (the query heads sharing a KV head with it)."""
+    sequence length, whole KV groups went (the query heads sharing a KV head with it), and a
+    ticket.pt of a changed architecture rebuilds it from its config (Conv1D swapped as at load)."""
     assert "lm_head.weight" not in prunable(small)
     for name, mod in dense.named_modules():
         if isinstance(mod, torch.nn.Embedding) or name == "lm_head":
@@ -155,6 +156,12 @@ def _lm_checks(arch, structure, dense, small, x, info, tmp_path):
                 q, k, v = layer.q_proj.out_features, layer.k_proj.out_features, layer.v_proj.out_features
                 assert k == v and q == k * layer.num_key_value_groups and k % layer.head_dim == 0
                 assert layer.o_proj.in_features == q
+    if spec is not None:
+        config = {**hf.config_dict(dense), "architectures": [type(dense).__name__]}
+        ticket.save(tmp_path / "ticket.pt", small, None, arch=None, arch_kwargs=None, recipe={}, hf_config=config,
+                    conversions=[{"structure": structure, "spec": spec}])
+        with torch.no_grad():
+            assert torch.equal(small(x), ticket.load(tmp_path / "ticket.pt")(x).logits)
 
 
 def test_lm_heads_are_left_whole_unless_the_recipe_says():
@@ -188,7 +195,7 @@ def test_causal_lms_go_back_into_folders_transformers_loads(tmp_path):
             assert (model(x) - back(x).logits).abs().max() < 1e-5
         return back
 
-    _, gpt2, x, _ = convert("gpt2", "2:4")
+    _, gpt2, x, _, _ = convert("gpt2", "2:4")
     back = reloads(gpt2, x, "gpt2")
     assert type(back.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
 
