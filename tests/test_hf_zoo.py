@@ -164,6 +164,20 @@ def _lm_checks(arch, structure, dense, small, x, info, spec, tmp_path):
             assert torch.equal(small(x), ticket.load(tmp_path / "ticket.pt")(x).logits)
 
 
+def test_a_causal_lm_with_padding_exports_with_parity(tmp_path):
+    """Token ids and an attention mask (rows padded at the end) as two graph inputs, both with free
+    batch and sequence axes: parity at two sequence lengths (Llama: RoPE, grouped-query attention)."""
+    model, _ = build("llama")
+    ids = torch.randint(1, 80, (4, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[::2, 11:] = 0
+    x = torch.stack((ids, mask), 1)
+    adapt.fit(model, ["input", "attention_mask"], x)
+    export_onnx(model, x[:2], tmp_path / "model.onnx", recipes.resolve("magnitude").export, ["input", "attention_mask"])
+    for batch in (x, x[:3, :, :9]):
+        assert validate.parity(model, tmp_path / "model.onnx", batch)["max"] < 1e-4
+
+
 def test_lm_heads_are_left_whole_unless_the_recipe_says():
     """No mask covers a causal LM's head (get_output_embeddings) unless convert.prune_lm_head asks;
     a head tied to the input embedding (GPT-2) never, as pruning it would prune the embedding."""
