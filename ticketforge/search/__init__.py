@@ -34,7 +34,7 @@ class Method:
     (`search.method`, `convert.structure`)."""
 
     name: str
-    target: str                    # "module:function" under ticketforge.search: the weight-level search
+    target: str                    # "module:function" under ticketforge.search: the weight-level search; "": none
     keys: tuple[str, ...] = ()     # `search` keys it reads beyond COMMON_KEYS and the budget
     starts: tuple[str, ...] = ALL_STARTS  # search.start values it honours
     summary: str = ""
@@ -79,6 +79,13 @@ for _m in (
     Method("wanda", "wanda:wanda", CALIBRATION_KEYS, summary="Wanda, |w| x input norm on calibration data, per "
            "output (Sun et al. 2023); of N:M groups: the same score", size_stand_in="lamp", units=("weights",),
            scorer="wanda:score_units", unit_keys=CALIBRATION_KEYS),
+    Method("sparsegpt", "sparsegpt:sparsegpt", CALIBRATION_KEYS, starts=("trained",), summary="SparseGPT, layer-wise "
+           "OBS with the kept weights updated, on calibration data (Frantar & Alistarh 2023); of N:M groups: the "
+           "same, N of M chosen block by block", size_stand_in="lamp", units=("weights",),
+           scorer="sparsegpt:score_units", unit_keys=CALIBRATION_KEYS),
+    Method("similarity", "", starts=("trained",), summary="residual blocks by Block Influence, 1 - cos(input, output) on calibration "
+           "data (ShortGPT, Men et al. 2024); blocks only", units=("blocks",), scorer="similarity:score_units",
+           unit_keys=CALIBRATION_KEYS),
 ):
     METHODS.add(_m.name, _m)
 
