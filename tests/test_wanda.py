@@ -11,7 +11,6 @@ from ticketforge import recipe as recipes, structures
 from ticketforge.data import DataBundle
 from ticketforge.loading import LoadedModel
 from ticketforge.masks import keep_count
-from ticketforge.models import build
 from ticketforge.search.base import SearchContext
 from ticketforge.search.calibration import calibration
 from ticketforge.search.magnitude import magnitude_scores
@@ -195,30 +194,47 @@ def test_block_influence_removes_the_identity_like_block_first():
 
 # ---------------------------------------------------------------- from the command line
 
-@pytest.mark.parametrize("recipe, section", [("wanda", None), ("wanda-2to4", "2:4")])
-def test_compress_with_wanda_from_the_cli(tiny, cli, monkeypatch, recipe, section):
+@pytest.mark.parametrize("method, recipe, section", [("wanda", "magnitude", None), ("wanda", "magnitude-2to4", "2:4"),
+                                                     ("sparsegpt", "magnitude-2to4", "2:4")])
+def test_compress_with_the_one_shot_methods_from_the_cli(tiny, cli, monkeypatch, method, recipe, section):
     monkeypatch.chdir(tiny)
-    out = tiny / f"out-{recipe}"
-    result = cli("compress", "mlp.pt", *FAST, "--recipe", "magnitude" if recipe == "wanda" else "magnitude-2to4",
-                 "--set", "search.method=wanda", "--set", "search.calibration_samples=64", "--epochs", "0",
-                 "--quiet", "--out", out)
+    out = tiny / f"out-{method}-{recipe}"
+    result = cli("compress", "mlp.pt", *FAST, "--recipe", recipe, "--set", f"search.method={method}",
+                 "--set", "search.calibration_samples=64", "--epochs", "0", "--quiet", "--out", out)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
-    assert report["search"]["method"] == "wanda" and report["search"]["calibration_samples"] == 64
+    assert report["search"]["method"] == method and report["search"]["calibration_samples"] == 64
     if section:
         assert report["structure"][section]["onnx"]["bad"] == 0
 
 
+RESIDUAL_MLP = """
+from torch import nn
+
+class Res(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+
+    def forward(self, x):
+        return x + self.f(x)
+
+def Net():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), Res(32), Res(32), nn.Linear(32, 10))
+"""
+
+
 def test_compress_with_similarity_on_blocks_from_the_cli(tmp_path, cli):
-    arch = "digits-resnet"
+    (tmp_path / "resmlp.py").write_text(RESIDUAL_MLP)  # --arch resmlp:Net, from the current folder
+    built = {}
+    exec(RESIDUAL_MLP, built)
+    torch.save(built["Net"]().state_dict(), tmp_path / "m.pt")
     out = tmp_path / "out"
-    torch.save(build(arch, {"width": 8}).state_dict(), tmp_path / "m.pt")
-    result = cli("compress", tmp_path / "m.pt", "--arch", arch, "--arch-kwargs", '{"width": 8}',
-                 "--data", small_digits(tmp_path / "d.npz"), "--device", "cpu", "--recipe", "cts-blocks", "--set", "search.method=similarity",
-                 "--set", "search.blocks=1", "--set", "search.calibration_samples=32", "--epochs", "0",
-                 "--set", "validate.repeats=3", "--set", "validate.warmup=0", "--set", "validate.latency_batches=[1]",
-                 "--quiet", "--out", out)
+    result = cli("compress", tmp_path / "m.pt", "--arch", "resmlp:Net", "--data", small_digits(tmp_path / "d.npz"),
+                 "--device", "cpu", "--recipe", "similarity-blocks", "--set", "search.blocks=1",
+                 "--set", "search.calibration_samples=32", "--epochs", "0", "--set", "validate.repeats=3",
+                 "--set", "validate.warmup=0", "--set", "validate.latency_batches=[1]", "--quiet", "--out", out)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["search"]["method"] == "similarity" and len(report["search"]["removed"]) == 1
-    assert report["convert"]["removed_blocks"]
+    assert list(report["convert"]["removed_blocks"]) == report["search"]["removed"]
