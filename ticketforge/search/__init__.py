@@ -83,9 +83,9 @@ for _m in (
            "OBS with the kept weights updated, on calibration data (Frantar & Alistarh 2023); of N:M groups: the "
            "same, N of M chosen block by block", size_stand_in="lamp", units=("weights",),
            scorer="sparsegpt:score_units", unit_keys=CALIBRATION_KEYS),
-    Method("similarity", "", starts=("trained",), summary="residual blocks by Block Influence, 1 - cos(input, output) on calibration "
-           "data (ShortGPT, Men et al. 2024); blocks only", units=("blocks",), scorer="similarity:score_units",
-           unit_keys=CALIBRATION_KEYS),
+    Method("similarity", "", starts=("trained",), summary="residual blocks by Block Influence, 1 - cos(input, "
+           "output) on calibration data (ShortGPT, Men et al. 2024); blocks only", units=("blocks",),
+           scorer="similarity:score_units", unit_keys=CALIBRATION_KEYS),
 ):
     METHODS.add(_m.name, _m)
 

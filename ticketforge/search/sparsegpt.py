@@ -17,8 +17,8 @@ their inputs). Layers the forward calls on the same input tensor (a transformer'
 one step. A convolution is its im2col matrix, columns ordered (kernel position, input channel)
 so that an N:M group is M input channels at one kernel position (ticketforge.structures.nm), one
 problem per group of a grouped convolution. Transposed and 3-d convolutions, and layers the forward
-never reaches, are pruned by magnitude within the same blocks, without an update (the identity as
-their Hessian); the report lists them under `not_reconstructed`."""
+never reaches (or calls by keyword), are pruned by magnitude within the same blocks, without an
+update (the identity as their Hessian); the report lists them under `not_reconstructed`."""
 from __future__ import annotations
 
 import torch
@@ -158,20 +158,20 @@ def reconstruction_error(w: torch.Tensor, new: torch.Tensor, h: torch.Tensor) ->
 def forward_steps(model: nn.Module, names: list[str], calib: Calibration) -> tuple[list[list[str]], bool]:
     """`names` in the order one forward reaches their layers, layers called one after the other on
     the same input tensor together; and whether every layer is called once (a step's pass may then
-    stop at its last layer). Layers the forward never reaches are left out."""
+    stop at its last layer). Layers the forward never reaches, or calls by keyword, are left out."""
     layers = {id(owner(model, n)): n for n in names}
     order, calls, last = [], {}, {}
 
     def hook(module, args):
         n = layers[id(module)]
         calls[n] = calls.get(n, 0) + 1
-        if calls[n] > 1:
+        if calls[n] > 1 or not args:  # called by keyword: left to the magnitude fallback
             return
-        if order and args and args[0] is last.get("input"):
+        if order and args[0] is last.get("input"):
             order[-1].append(n)
         else:
             order.append([n])
-        last["input"] = args[0] if args else None  # held, so that its memory is not reused by another tensor
+        last["input"] = args[0]  # held, so that its memory is not reused by another tensor
 
     handles = [owner(model, n).register_forward_pre_hook(hook) for n in names]
     probe = Calibration(batches=[calib.batches[0][:2]], device=calib.device, packed=calib.packed)
@@ -238,7 +238,8 @@ def prune_layers(model: nn.Module, names: list[str], calib: Calibration, sparsit
 def sparsegpt(ctx: SearchContext) -> SearchResult:
     """Unstructured: `search.sparsity` of every prunable layer, the kept weights updated."""
     model = ctx.model
-    mask, info = prune_layers(model, list(prunable(model)), calibration(ctx, model), sparsity=ctx.recipe.search.sparsity)
+    mask, info = prune_layers(model, list(prunable(model)), calibration(ctx, model),
+                              sparsity=ctx.recipe.search.sparsity)
     return SearchResult(model=model, mask=mask, info={"method": "sparsegpt", "start": "trained", **info})
 
 

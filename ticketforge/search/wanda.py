@@ -12,7 +12,8 @@ norm taken over samples and spatial positions and shared by every kernel positio
 grouped convolution, read from the channels of the weight's own group). The norms are collected in
 one pass over the calibration sample (ticketforge.search.calibration) with every layer's input
 from the dense model; the paper's code instead feeds each transformer block the output of the
-already-pruned blocks before it. A layer the calibration forward never reaches scores by |W|."""
+already-pruned blocks before it. A layer the calibration forward never reaches (or calls by
+keyword) scores by |W|."""
 from __future__ import annotations
 
 import torch
@@ -35,6 +36,8 @@ def input_norms(model: nn.Module, names: list[str], calib: Calibration) -> dict[
     squares: dict[str, torch.Tensor] = {}
 
     def hook(name, module, args):
+        if not args:  # called by keyword: scored by |W|
+            return
         rows = calib.rows(args[0].detach(), feature_dim(module)).float()
         total = rows.pow(2).sum(0)
         squares[name] = squares[name] + total if name in squares else total
