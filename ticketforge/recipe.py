@@ -64,6 +64,8 @@ class SearchConfig:
     prune_fraction: float = opt(0.2, "IMP: fraction of the remaining weights removed per round",
                                 lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     synflow_rounds: int = opt(100, "SynFlow: pruning rounds (exponential schedule)", lo=1)
+    calibration_samples: int = opt(128, "wanda, sparsegpt, similarity: training samples run through the model "
+                                   "(no gradients, search.batch_size at a time) to measure the layers' inputs", lo=1)
     stop_overlap: float = opt(0.999, "CTS: stop once successive top-k sets of the logits overlap more than this "
                               "for stop_window checks (epochs/steps are then the cap); 1: never stop early",
                               lo=0.0, hi=1.0, lo_open=True)
