@@ -183,4 +183,6 @@ def markdown(section: dict) -> str:
     return (f"Budget `{section['key']}` {fmt(section['target'])}{where}: measured {fmt(section['measured'])}"
             + (f" (95% interval {ci[0]:.3g}-{ci[1]:.3g})" if ci else "")
             + f", **{section['verdict']}**"
-            + (f" after {section['adjustments']} adjustment(s)" if section.get("adjustments") else "") + ".")
+            + (f" after {section['adjustments']} adjustment(s)" if section.get("adjustments") else "") + "."
+            + (f" A plain session measures {section['plain']['speedup']:.2f}x ({section['plain']['how']})."
+               if section.get("plain") else ""))

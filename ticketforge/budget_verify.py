@@ -23,6 +23,12 @@ def time_model(dense: Path, model: Path, sample_shape: tuple[int, ...], batch: i
     return latency.compare(dense, model, [batch], settings, sample_shape=sample_shape)[0]
 
 
+def plain_timing(dense: Path, model: Path, sample_shape: tuple[int, ...], batch: int, threads: int, runs: int) -> dict:
+    """The final pair timed the plain way (latency.plain), after the report's own sessions are gone.
+    Tests replace this."""
+    return latency.plain(dense, model, batch, threads, runs, sample_shape=sample_shape)
+
+
 def timing_settings(recipe) -> latency.Settings:
     """The report's latency method, with the budget's threads: how every timed budget is measured."""
     return dataclasses.replace(validate.latency_settings(recipe.validate), threads=budget.threads(recipe))
@@ -67,6 +73,11 @@ def verify(run, write_model: Callable[[object], None]) -> dict:
         section["file"] = size_model.deployed_file(recipe)
     else:
         section.update(batch=b, backend="onnxruntime-cpu", threads=latency.resolve_threads(budget.threads(recipe)))
+        if recipe.validate.plain_runs:
+            section["plain"] = plain_timing(run.out / "dense.onnx", run.out / "model.onnx", run.bundle.graph_input_shape,
+                                            b, budget.threads(recipe), recipe.validate.plain_runs)
+            p = section["plain"]
+            run.ui.log(f"budget: a plain session measures {p['speedup']:.2f}x ({p['how']})")
     if not section["met"]:
         run.notes.append(f"budget {section['key']} {target.fmt(target.value)} {section['verdict']}: "
                          + ("the structure has nothing left to remove at its smallest allowed sizes"

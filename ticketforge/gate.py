@@ -15,6 +15,10 @@ What each threshold measures (one check per row, so CI shows exactly what failed
   value, and the check says so.
 - max_perplexity_ratio: a language model's validation perplexity, model.onnx over dense.onnx (both
   measured in ONNX Runtime on the same tokens). A report without perplexity has no such check.
+- min_plain_speedup: a timed budget's pair measured again as a user's own code would (one default
+  InferenceSession per file, medians of alternating runs: report.json budget.plain). The report's
+  method (spinning off, interleaved sessions, bootstrap interval) and a plain session can differ
+  by up to ~13% on a loaded machine (docs/plain-session-timing.md); this checks the plain one.
 - max_size_mb: the size of model.onnx.
 - min_sparsity: the sparsity of the prunable weights read back from model.onnx.
 A run with a budget (search.target_speedup, target_latency_ms, max_size_mb: ticketforge.budget)
@@ -99,6 +103,10 @@ def evaluate(report: Report, thresholds: dict) -> dict:
         where = f"batch {b['batch']}" if b.get("batch") else b.get("file", "model.onnx")
         checks.append(_check(f"budget[{b['key']}, {where}]", b["target"], b["measured"], b["met"],
                              "point value of the verify step's measurement" if b.get("ci") else None))
+    if t["min_plain_speedup"] is not None and b and b.get("plain"):
+        plain = b["plain"]["speedup"]
+        checks.append(_check(f"min_plain_speedup[batch {b['plain']['batch']}]", t["min_plain_speedup"], plain,
+                             plain >= t["min_plain_speedup"], b["plain"]["how"]))
     for name, section in (report.structure or {}).items():
         if name in structures.STRUCTURES:
             checks += structures.get(name).gate_checks(section)

@@ -177,6 +177,9 @@ class ValidateConfig:
                               "gets, so the budget holds where the model is deployed", lo=0)
     budget_rounds: int = opt(3, "budgets: at most this many times the verify step removes more and re-measures "
                              "when the exported model misses its budget", lo=0)
+    plain_runs: int = opt(30, "timed budgets: also time the final pair as a user's own code would (one default "
+                          "InferenceSession per file, this many alternating runs, medians; report.json budget.plain); "
+                          "0: not", lo=0)
     parity_tol: float = opt(1e-3, "max abs logit difference allowed between torch and ONNX", lo=0.0, lo_open=True)
 
 
@@ -189,6 +192,8 @@ class GateConfig:
                                        "interval (every backend and batch, or gate.batch)")
     max_latency_ms: Optional[float] = opt(None, "latency of the exported model, at most, checked on the high end of "
                                           "its 95% interval (every backend and batch, or gate.batch)")
+    min_plain_speedup: Optional[float] = opt(None, "timed budgets: the speed-up a plain session measures "
+                                             "(budget.plain, validate.plain_runs), at least", lo=0.0)
     max_perplexity_ratio: Optional[float] = opt(None, "language models: the exported model's validation perplexity "
                                                 "over dense.onnx's, at most (1.1 = 10% higher)", lo=1.0)
     max_size_mb: Optional[float] = opt(None, "size of model.onnx in MB, at most", lo=0.0)
