@@ -399,3 +399,26 @@ def test_plain_timing_runs_both_files_in_default_sessions(tmp_path):
     row = latency.plain(tmp_path / "big.onnx", tmp_path / "small.onnx", 4, 1, runs=6, clock=lambda: next(ticks))
     assert row["runs"] == 6 and row["batch"] == 4 and row["threads"] == 1
     assert row["speedup"] == 1.0 and row["dense_ms"] == row["compressed_ms"] == 1000.0  # one tick per run, each file
+
+
+@pytest.mark.parametrize("epochs", [0, 2])
+def test_what_the_verify_step_removes_is_fine_tuned_again_before_it_is_timed(monkeypatch, work_clock, epochs):
+    """finetune.recover_epochs: after each tightening, a short fine-tune of the masked ticket (the
+    mask held: removed channels stay removed), then convert and time; 0 skips it."""
+    from ticketforge import budget_verify, finetune as ft
+
+    fake, seen = _mac_timer(first=0.8 * 1.2)
+    monkeypatch.setattr(budget_verify, "time_model", fake)
+    fits, real_fit = [], ft.fit
+
+    def fit(model, mask, schedule, *args, **kwargs):
+        if kwargs.get("desc", "").startswith("budget"):  # not the pipeline's own fine-tune
+            fits.append((schedule.epochs, kwargs["desc"]))
+        out = real_fit(model, mask, schedule, *args, **kwargs)
+        assert all(bool(((p == 0) | m).all()) for p, m in zip(mask.bind(model)[0], mask.values()))  # mask held
+        return out
+    monkeypatch.setattr(budget_verify.finetune, "fit", fit)
+    report = _run("magnitude-channels", "search.target_speedup=1.2", "convert.round_to=8", "search.measure_rounds=0",
+                  f"finetune.recover_epochs={epochs}")
+    assert report["budget"]["adjustments"] >= 1
+    assert fits == ([(epochs, "budget: recovery fine-tune")] * report["budget"]["adjustments"] if epochs else [])

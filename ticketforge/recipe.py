@@ -131,6 +131,9 @@ class FinetuneConfig:
                          "in docs/distillation.md", lo=0.0, hi=1.0)
     distill_temperature: float = opt(2.0, "distillation temperature T: both models' logits are divided by it before "
                                      "the softmax", lo=0.0, lo_open=True)
+    recover_epochs: int = opt(1, "budgets: when the verify step removes more to meet a missed budget, fine-tune the "
+                              "ticket this many epochs again (these settings, a fresh cosine schedule) before it is "
+                              "converted and measured; 0: not (what was removed costs accuracy)", lo=0)
 
 
 @dataclass
