@@ -88,8 +88,7 @@ def verify(run, write_model: Callable[[object], None]) -> dict:
         if recipe.validate.plain_runs:
             section["plain"] = plain_timing(run.out / "dense.onnx", run.out / "model.onnx", run.bundle.graph_input_shape,
                                             b, budget.threads(recipe), recipe.validate.plain_runs)
-            p = section["plain"]
-            run.ui.log(f"budget: a plain session measures {p['speedup']:.2f}x ({p['how']})")
+            run.ui.log("budget:" + budget.plain_text(section["plain"]))
     if not section["met"]:
         run.notes.append(f"budget {section['key']} {target.fmt(target.value)} {section['verdict']}: "
                          + ("the structure has nothing left to remove at its smallest allowed sizes"

@@ -368,8 +368,13 @@ def plain(base: str | Path, new: str | Path, batch: int, threads: int, runs: int
         for sess, feed, times in (first, second):
             times.append(_timed(lambda: sess.run(None, feed), clock))
     dense, comp = float(np.median(tb)), float(np.median(tn))
+    # A plain session's parallel operators wait for their worker threads to get a core: on a busy
+    # machine that inflates whichever model has more parallel work (measured: dense 2.8 ms at 1 thread,
+    # 18 ms at 2 threads, load 7 on 2 cores). The load says how far to trust the number.
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"speedup": round(dense / comp, 4), "dense_ms": round(dense * 1e3, 4), "compressed_ms": round(comp * 1e3, 4),
             "runs": runs, "batch": batch, "threads": resolve_threads(threads),
+            "load": round(load, 2) if load is not None else None, "cores": cores(),
             "how": f"one default InferenceSession per file, intra_op_num_threads={resolve_threads(threads)}, "
                    f"median of {runs} alternating runs"}
 
