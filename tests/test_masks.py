@@ -37,3 +37,46 @@ def test_mask_save_load_roundtrip(tmp_path):
     back.apply(m)
     assert int((m.weight != 0).sum()) <= 5
     assert back.sparsity == pytest.approx(1 - 5 / 32)
+
+
+def largest_new_tensor(fn):
+    """Run fn(); the largest number of elements of any tensor an op made while it ran."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Watch(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Watch.largest = max(Watch.largest, t.numel())
+            return out
+
+    with Watch():
+        result = fn()
+    return result, Watch.largest
+
+
+def test_topk_masks_is_exact_breaks_ties_by_position_and_copies_no_more_than_a_layer():
+    from ticketforge.masks import topk_masks
+
+    g = torch.Generator().manual_seed(0)
+    layers = [torch.randn(300, 400, generator=g), torch.randn(200000, generator=g).round(), torch.full((50000,), 0.0)]
+    flat = torch.cat([s.reshape(-1) for s in layers])
+    for keep in (0, 1, 1000, 45000, 60000, 250000, flat.numel()):
+        masks, largest = largest_new_tensor(lambda: topk_masks(layers, keep))
+        kept = torch.cat([m.reshape(-1) for m in masks])
+        assert int(kept.sum()) == keep and [m.shape for m in masks] == [s.shape for s in layers]
+        if 0 < keep < flat.numel():
+            assert flat[kept].min() >= flat[~kept].max()
+            tied = kept[flat == flat[kept].min()]
+            assert not (tied[1:] & ~tied[:-1]).any()  # the ties kept are the first ones
+            assert largest <= 200000  # per layer: never the concatenation of all of them
+    distinct = [torch.randn(1000, generator=g), torch.randn(50, 20, generator=g)]
+    both = torch.cat([s.reshape(-1) for s in distinct])
+    expected = torch.zeros(2000, dtype=torch.bool)
+    expected[torch.topk(both, 321).indices] = True
+    assert torch.equal(torch.cat([m.reshape(-1) for m in topk_masks(distinct, 321)]), expected)
+    with pytest.raises(ValueError, match="NaN"):
+        topk_masks([torch.full((10,), float("nan"))], 3)

@@ -121,6 +121,7 @@ def compress(job: Job) -> dict | None:
 
         tensorrt.require()  # before any work: a missing extra must not cost a whole search
     device = device_mod.pick(job.device)
+    device_mod.return_freed_memory()
     joined = distributed.launched() and not distributed.active()
     device = distributed.init(device)
     try:

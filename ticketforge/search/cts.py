@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import math
 import time
+from collections.abc import Mapping, Sequence
 from typing import Callable
 
 import torch
@@ -23,7 +24,7 @@ from torch.func import functional_call
 
 from ticketforge import device as device_mod, tasks
 from ticketforge.errors import UserError
-from ticketforge.masks import Mask, global_topk, keep_count, prunable
+from ticketforge.masks import Mask, global_topk, keep_count, prunable, topk_masks
 from ticketforge.search.base import SearchContext, SearchResult, Units
 from ticketforge.search.start import starting_point
 
@@ -32,7 +33,7 @@ OBJECTIVE_SCALE = {"reverse_kl": 100.0, "forward_kl": 100.0, "ce": 100.0}
 LR_DROP_AT = 0.88  # Adam lr x0.1 at 88% of the search, as in the authors' code
 
 
-def concrete_sample(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def concrete_sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Binary Concrete relaxation, drawn afresh each call: m = sigmoid(a + L / t), L logistic noise.
     (Not hard-concrete: no stretching, no clamping, no straight-through estimator.)
 
@@ -44,8 +45,63 @@ def concrete_sample(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     sum sigmoid(a t), the probability that a gate is on (we keep sigmoid(a): measured, it is what
     our recipes were tuned with, and on MNIST-1D the authors' count searched worse: docs/benchmarks.md, "How long
     CTS searches"; the final global top-k makes the count exact either way)."""
-    u = torch.rand_like(logits).clamp_(1e-10, 1 - 1e-10)
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype).clamp_(1e-10, 1 - 1e-10)
     return torch.sigmoid(logits + (torch.log(u) - torch.log1p(-u)) / temperature)
+
+
+class _SeededConcrete(torch.autograd.Function):
+    """concrete_sample with the noise drawn from its own seed: the backward pass draws the same noise
+    again and recomputes the mask instead of keeping it (autograd's sigmoid would keep every mask,
+    the size of the weights, until the backward pass)."""
+
+    @staticmethod
+    def forward(ctx, logits, seed, temperature):
+        ctx.save_for_backward(logits)
+        ctx.seed, ctx.temperature = seed, temperature
+        return _seeded(logits, seed, temperature)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, = ctx.saved_tensors
+        with torch.no_grad():
+            m = _seeded(logits, ctx.seed, ctx.temperature)
+        return torch.ops.aten.sigmoid_backward(grad, m), None, None
+
+
+def _seeded(logits: torch.Tensor, seed: int, temperature: float) -> torch.Tensor:
+    return concrete_sample(logits, temperature, torch.Generator(device=logits.device).manual_seed(seed))
+
+
+class Draw(Sequence):
+    """One step's Binary Concrete masks of the gates `logits`, each computed where it is read (and
+    again in the backward pass) from a seed of its own drawn from torch's global generator: a step
+    never holds every mask at once."""
+
+    def __init__(self, logits: list[torch.Tensor], temperature: float):
+        self.logits, self.temperature = logits, temperature
+        self.seeds = torch.randint(2 ** 62, (len(logits),)).tolist()
+
+    def __len__(self) -> int:
+        return len(self.logits)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return _SeededConcrete.apply(self.logits[i], self.seeds[i], self.temperature)
+
+
+class _Named(Mapping):
+    """A Draw read by gate name, as a structure's `overrides` reads its soft masks."""
+
+    def __init__(self, names: list[str], draw: Draw):
+        self.index, self.draw = {n: i for i, n in enumerate(names)}, draw
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.draw[self.index[name]]
+
+    def __iter__(self):
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
 
 
 def objective(name: str, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -95,13 +151,19 @@ class GradBalance:
 
     def combine(self, logits: list[torch.Tensor], costs: list[torch.Tensor],
                 task_grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """task_grads + lam * the sparsity gradient, added into task_grads in place (and returned).
+        The sparsity gradient is computed one gate tensor at a time, twice (for its norm, then to add
+        it): never all at once, which would be three more copies of the logits' size."""
         with torch.no_grad():
-            sig = [torch.sigmoid(a) for a in logits]
-            s = (torch.stack([(p * c).sum() for p, c in zip(sig, costs)]).sum() / self.budget - 1.0) * 100.0
-            g_s = [(100.0 / self.budget) * c * p * (1 - p) for p, c in zip(sig, costs)]
+            kept, norms = [], []
+            for a, c in zip(logits, costs):
+                p = torch.sigmoid(a)
+                kept.append((p * c).sum())
+                norms.append(torch.linalg.vector_norm((100.0 / self.budget) * c * p * (1 - p)))
+            s = (torch.stack(kept).sum() / self.budget - 1.0) * 100.0
             if self.mode == "gradbalance":
                 nt = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in task_grads]))
-                ns = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g_s]))
+                ns = torch.linalg.vector_norm(torch.stack(norms))
                 lam_star = torch.where(s > 0, nt / ns.clamp_min(1e-12), torch.zeros_like(nt))
                 lam_star = _all_mean(lam_star.double()).to(nt.dtype)
                 self.lam = lam_star if self.lam is None else 0.99 * self.lam + 0.01 * lam_star
@@ -111,7 +173,10 @@ class GradBalance:
                 # saturate at 0 (measured on the toy in tests/test_cts.py: expected count 1 of 220).
                 lam = torch.zeros_like(s) if self.lam is None else self.lam
                 self.lam = (lam + self.lagrange_lr * s).clamp_min(0.0)
-            return [gt + self.lam * gs for gt, gs in zip(task_grads, g_s)], s
+            for a, c, g in zip(logits, costs, task_grads):
+                p = torch.sigmoid(a)
+                g.add_(self.lam * ((100.0 / self.budget) * c * p * (1 - p)))
+            return task_grads, s
 
 
 def bn_batch_stats(model: nn.Module):
@@ -184,27 +249,27 @@ class _TopK:
 
     @torch.no_grad()
     def converged(self, params: list[torch.Tensor]) -> bool:
-        flat = torch.cat([a.detach().reshape(-1) for a in params])
-        k = min(self.rule.keep, flat.numel())
-        cur = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-        cur[torch.topk(flat, k, sorted=False).indices] = True
+        k = min(self.rule.keep, sum(a.numel() for a in params))
+        cur = topk_masks(params, k)
         if self.prev is not None:
-            self.last = float((cur & self.prev).sum()) / k  # the one host sync of a check
+            self.last = float(sum((c & p).sum() for c, p in zip(cur, self.prev))) / k
             self.run = self.run + 1 if self.last > self.rule.overlap else 0
         self.prev = cur
         return self.run >= self.rule.window
 
 
 def optimise_gates(params: list[torch.Tensor], costs: list[torch.Tensor], kept_cost: float,
-                   loss_fn: Callable[[list[torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor],
+                   loss_fn: Callable[[Draw, torch.Tensor, torch.Tensor], torch.Tensor],
                    batches, total: int, *, lr: float, temperature: float, balance: str = "gradbalance",
                    budget_slack: float = 1.1, stop: StopRule | None = None, ui=None,
                    desc: str = "search (CTS)") -> dict:
     """The CTS loop over generic gates (leaf tensors `params`, trained in place): at every step a
-    Binary Concrete sample of each gate goes through `loss_fn(soft_masks, x, y)`, GRADBALANCE adds
+    Binary Concrete sample of each gate goes through `loss_fn(soft_masks, x, y)` (a Draw: soft_masks[i]
+    is gate i's mask, computed when read), GRADBALANCE adds
     the sparsity gradient, Adam steps. Runs `total` steps (lr x0.1 at 88% of them), or fewer when
     `stop` says the top-k set has converged. The loss is only read back to the host at checks."""
-    opt = torch.optim.Adam(params, lr=lr)
+    # foreach=False: the multi-tensor Adam (CUDA's default) makes temporaries of every logit at once
+    opt = torch.optim.Adam(params, lr=lr, foreach=False)
     gb = GradBalance(budget_slack * kept_cost, balance, lagrange_lr=0.01 * lr)
     every = stop.every if stop is not None else max(1, min(50, total // 20))
     topk = _TopK(stop) if stop is not None else None
@@ -220,14 +285,15 @@ def optimise_gates(params: list[torch.Tensor], costs: list[torch.Tensor], kept_c
                 if step == drop_at:
                     for g in opt.param_groups:
                         g["lr"] = lr * 0.1
-                soft = [concrete_sample(a, temperature) for a in params]
-                loss = loss_fn(soft, x, y)
+                loss = loss_fn(Draw(params, temperature), x, y)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 grads = [torch.zeros_like(a) if g is None else _all_mean(g) for a, g in zip(params, grads)]
-                combined, s = gb.combine(params, costs, grads)
-                for a, g in zip(params, combined):
+                grads, s = gb.combine(params, costs, grads)
+                for a, g in zip(params, grads):
                     a.grad = g
+                del grads  # nothing of the size of the logits outlives the step but them and Adam's moments
                 opt.step()
+                opt.zero_grad(set_to_none=True)
                 step += 1
                 pending += 1
                 loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
@@ -293,7 +359,8 @@ def concrete_search(ctx: SearchContext, logits: dict[str, torch.Tensor], costs: 
             # batch's, so with every gate on the objective would not be 0.
             with torch.no_grad():
                 teacher = model(x)
-            student = functional_call(model, overrides(dict(zip(names, soft))), (x,), strict=False)
+            # the masks are read from the Draw one by one, as `overrides` uses them
+            student = functional_call(model, dict(overrides(_Named(names, soft))), (x,), strict=False)
         student, y, teacher = tasks.rows(task, student, x, y, teacher)  # per token for a language model
         return objective(cfg.objective, student, teacher, y)
 
