@@ -81,11 +81,12 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 def save_tokenizer(tok, folder: Path) -> None:
     """tokenizer.json and a tokenizer_config.json with which transformers' AutoTokenizer loads the
-    folder offline as a PreTrainedTokenizerFast (4.x and 5.x); end-of-text is bos, eos, unk and pad."""
+    folder offline as a PreTrainedTokenizerFast (4.x and 5.x); end-of-text is bos, eos and unk, and
+    there is no pad token (as GPT-2's own tokenizer)."""
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT,
-              "unk_token": EOT, "pad_token": EOT, "add_bos_token": False, "add_eos_token": False}
+              "unk_token": EOT, "add_bos_token": False, "add_eos_token": False}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
 
 

@@ -62,8 +62,9 @@ class DenseSpec:
 
 def model_config(family: str, corpus: CorpusConfig) -> dict:
     """The transformers config of `family` for this corpus's vocabulary and sequence length."""
+    # No pad token, as GPT-2's own: the windows are never padded, and end-of-text inside one is text.
     common = {"vocab_size": corpus.vocab_size, "use_cache": False, "bos_token_id": 0, "eos_token_id": 0,
-              "pad_token_id": 0, "tie_word_embeddings": True}
+              "pad_token_id": None, "tie_word_embeddings": True}
     if family == "gpt2":
         return {**common, "model_type": "gpt2", "n_positions": corpus.seq_len, "n_embd": 128, "n_layer": 4,
                 "n_head": 4, "n_inner": 512, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
