@@ -75,33 +75,35 @@ CTS_SEARCH = ["search.steps=60", "search.min_steps=0", "search.batch_size=16"]
 TIMING = ["validate.latency_batches=[8]", "validate.max_seconds=2", "validate.warmup=2"]
 
 FIELDS = ["family", "setting", "method", "seed", "status", "exit", "dense_ppl", "ppl", "ppl_before_finetune",
-          "agreement", "speedup", "budget_met", "macs_kept", "params_kept", "sparsity", "seconds", "reason"]
+          "dense_top1", "top1", "agreement", "speedup", "budget_met", "macs_kept", "params_kept", "sparsity", "seconds", "reason"]
 
 
 # ----------------------------------------------------------------------------- the report, read
 
 def quality(report: dict) -> dict:
-    """Perplexity (dense, exported, before fine-tune) and top-1 agreement with the dense model from
-    a report.json.
+    """Perplexity (dense, exported, before fine-tune), next-token top-1 accuracy (dense, exported) and
+    top-1 agreement with the dense model, from a report.json.
 
-    THE ONE PLACE TO ADAPT once the report's causal-LM format lands on main (issue 21, items 1-2).
-    Read defensively: a `perplexity` section {dense, onnx, compressed, before_finetune, dense_onnx}
-    if there is one; else perplexity fields inside `accuracy`; agreement from `agreement.onnx`."""
+    THE ONE PLACE TO ADAPT to the report's causal-LM format (issue 21, items 1-2). As being built on
+    main: `perplexity` = {dense (dense.onnx), onnx (model.onnx), tokens}; `accuracy` = next-token
+    top-1 {dense, dense_onnx, compressed, onnx, before_finetune}. Read defensively: other spellings
+    inside `perplexity`, or `*_perplexity` fields inside `accuracy`, are taken too."""
     ppl = report.get("perplexity")
+    acc = report.get("accuracy") if isinstance(report.get("accuracy"), dict) else {}
     if not isinstance(ppl, dict):
-        acc = report.get("accuracy") or {}
         ppl = acc.get("perplexity") if isinstance(acc.get("perplexity"), dict) else {
             k[:-len("_perplexity")]: v for k, v in acc.items() if k.endswith("_perplexity")}
 
-    def first(*keys):
+    def first(d, *keys):
         for k in keys:
-            if isinstance(ppl.get(k), (int, float)):
-                return float(ppl[k])
+            if isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool):
+                return float(d[k])
         return None
 
-    return {"dense_ppl": first("dense_onnx", "dense"), "ppl": first("onnx", "compressed"),
-            "ppl_before_finetune": first("before_finetune"),
-            "agreement": (report.get("agreement") or {}).get("onnx")}
+    return {"dense_ppl": first(ppl, "dense_onnx", "dense"), "ppl": first(ppl, "onnx", "compressed"),
+            "ppl_before_finetune": first(ppl, "before_finetune"),
+            "dense_top1": first(acc, "dense_onnx", "dense"), "top1": first(acc, "onnx", "compressed"),
+            "agreement": first(report.get("agreement") or {}, "onnx")}
 
 
 def summary(report: dict) -> dict:
