@@ -13,8 +13,8 @@ compression's (`ticketforge compress --seed`).
 
 Settings (each run is `ticketforge compress FOLDER --data lm.npz --recipe R --set ...` in a child
 process, started from the CTS recipe of the structure with `search.method` replaced):
-- unstructured-50  50% of the linear layers' weights            cts, wanda, magnitude
-- 2:4              2 of every 4                                  cts, wanda, magnitude
+- unstructured-50  50% of the linear layers' weights            cts, wanda, sparsegpt, magnitude
+- 2:4              2 of every 4                                  cts, wanda, sparsegpt, magnitude
 - channels-1.5x / channels-2x   MLP width and attention heads removed to a measured ONNX Runtime
                    speed-up of 1.5x / 2x (search.target_speedup)  cts, wanda, magnitude
 - blocks-1.5x / blocks-2x       whole decoder layers removed      cts, similarity
@@ -22,7 +22,8 @@ A method that does not apply to a structure is a row with status `n/a` and ticke
 
 The same for every run: the calibration and fine-tune data (one .npz of train windows, `x`), the
 validation windows (`x_val`), the fine-tune (FINETUNE: epochs, optimizer, lr, batch), the timing
-settings. CTS's own search length is CTS_SEARCH (the one-shot methods have none).
+settings. CTS's own search length is CTS_SEARCH; the one-shot methods (Wanda, SparseGPT, layer
+ranking) calibrate on every train window (CALIBRATION), the windows CTS searches on.
 Perplexity = exp(mean next-token cross-entropy over the validation tokens), as the report gives it
 for the exported model (model.onnx in ONNX Runtime). Rows go to bench/results/lm.csv (finished rows
 are skipped on a re-run), with lm.json (rows, dense models, settings) and lm.png.
@@ -52,15 +53,16 @@ OUT = ROOT / "bench" / "results"
 
 # setting -> (built-in recipe of the structure, its --set items, methods compared)
 SETTINGS = {
-    "unstructured-50": ("cts", ["search.sparsity=0.5"], ["cts", "wanda", "magnitude"]),
-    "2:4": ("cts-2to4", [], ["cts", "wanda", "magnitude"]),
+    "unstructured-50": ("cts", ["search.sparsity=0.5"], ["cts", "wanda", "sparsegpt", "magnitude"]),
+    "2:4": ("cts-2to4", [], ["cts", "wanda", "sparsegpt", "magnitude"]),
     "channels-1.5x": ("cts-channels", ["search.target_speedup=1.5"], ["cts", "wanda", "magnitude"]),
     "channels-2x": ("cts-channels", ["search.target_speedup=2.0"], ["cts", "wanda", "magnitude"]),
     "blocks-1.5x": ("cts-blocks", ["search.target_speedup=1.5"], ["cts", "similarity"]),
     "blocks-2x": ("cts-blocks", ["search.target_speedup=2.0"], ["cts", "similarity"]),
 }
 QUICK_SETTINGS = ["unstructured-50", "2:4", "channels-1.5x", "blocks-1.5x"]
-METHODS = ["cts", "wanda", "magnitude", "similarity"]
+METHODS = ["cts", "wanda", "sparsegpt", "magnitude", "similarity"]
+CALIBRATED = {"wanda", "sparsegpt", "similarity"}  # one-shot from calibration data
 FAMILIES = ["gpt2", "llama"]
 
 # Calibration / fine-tune windows and validation windows of the .npz every run reads.
@@ -69,8 +71,11 @@ N_TRAIN, N_VAL = 256, 256
 # dense model is the pipeline's default).
 FINETUNE = ["finetune.epochs=2", "finetune.optimizer=adamw", "finetune.lr=0.001", "finetune.batch_size=16",
             "finetune.weight_decay=0.0"]
-# CTS's search length: a fixed number of steps at a small batch, whatever its recipe's epochs.
+# CTS's search length: a fixed number of steps at a small batch, whatever its recipe's epochs
+# (60 x 16 = every train window 3.75 times).
 CTS_SEARCH = ["search.steps=60", "search.min_steps=0", "search.batch_size=16"]
+# The one-shot methods calibrate on every train window: the same data CTS searches on.
+CALIBRATION = [f"search.calibration_samples={N_TRAIN}"]
 # Latency: one batch size, timed briefly; the speed-up budgets are taken at it.
 TIMING = ["validate.latency_batches=[8]", "validate.max_seconds=2", "validate.warmup=2"]
 
@@ -123,7 +128,8 @@ def summary(report: dict) -> dict:
 
 def command(folder: Path, data: Path, setting: str, method: str, seed: int, out: Path) -> list[str]:
     recipe, sets, _ = SETTINGS[setting]
-    items = [f"search.method={method}", *sets, *FINETUNE, *TIMING] + (CTS_SEARCH if method == "cts" else [])
+    items = [f"search.method={method}", *sets, *FINETUNE, *TIMING]
+    items += CTS_SEARCH if method == "cts" else CALIBRATION if method in CALIBRATED else []
     return [sys.executable, "-m", "ticketforge", "compress", str(folder), "--data", str(data), "--recipe", recipe,
             "--seed", str(seed), "--out", str(out), "--force", "--device", "cpu",
             *[a for item in items for a in ("--set", item)]]
@@ -241,7 +247,7 @@ def write(rows: list[dict], dense: dict, out: Path) -> None:
     json_path = out.with_suffix(".json")
     payload = {"rows": rows, "dense": dense, "settings": {k: {"recipe": v[0], "sets": v[1], "methods": v[2]}
                                                           for k, v in SETTINGS.items()},
-               "finetune": FINETUNE, "cts_search": CTS_SEARCH, "timing": TIMING, "n_train": N_TRAIN, "n_val": N_VAL}
+               "finetune": FINETUNE, "cts_search": CTS_SEARCH, "calibration": CALIBRATION, "timing": TIMING, "n_train": N_TRAIN, "n_val": N_VAL}
     if json_path.exists():  # keep the dense models of other families
         payload["dense"] = {**json.loads(json_path.read_text()).get("dense", {}), **dense}
     json_path.write_text(json.dumps(payload, indent=1) + "\n")

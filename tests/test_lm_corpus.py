@@ -60,5 +60,5 @@ def test_quality_reads_a_perplexity_section_and_the_table_marks_what_did_not_run
     rows = [row("cts", 0, "ok", 12.0, 2.1), row("cts", 1, "ok", 14.0, 1.9), row("wanda", 0, "n/a")]
     lines = lm.table(rows).splitlines()
     assert lines[0] == "**gpt2** (dense perplexity 9.00)"
-    assert lines[4] == "| channels-2x | 13.00 ± 1.41 (2), 2.00x | n/a | - | - |"
+    assert lines[4] == "| channels-2x | 13.00 ± 1.41 (2), 2.00x | n/a | - | - | - |"
     assert lm.reasons(rows) == "- gpt2 / channels-2x / `wanda` (n/a): no"
