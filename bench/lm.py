@@ -238,7 +238,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("validation perplexity (ONNX)")
         ax.set_title(f"{family}: compressed by each method, same fine-tune (lower is better)")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
