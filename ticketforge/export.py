@@ -13,6 +13,7 @@ import onnx
 import torch
 from torch import nn
 
+from ticketforge import tasks
 from ticketforge.errors import UserError, VerificationError
 from ticketforge.recipe import ExportConfig
 
@@ -56,25 +57,28 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
         raise UserError("ONNX export: the model has BatchNorm layers without running statistics (e.g. the built-in "
                         "resnet20-tlab by default); build it with running statistics (--arch-kwargs "
                         "'{\"running_stats\": true}') to export it")
+    sequence = tasks.sequence(tasks.of(model))  # logits (batch, seq, vocab): the sequence axis is dynamic too
+    exporter = cfg.exporter if cfg.exporter != "auto" else "dynamo" if sequence else "torchscript"
     model = copy.deepcopy(model).cpu().eval()
     example = example.cpu()
     args = (example,)
     if len(inputs) == 2:
         model, args = SplitInputs(model), (example[:, 0], example[:, 1])
     names = list(inputs)
+    axes = {0: "batch", 1: "seq"} if sequence else {0: "batch"}
     try:
         with quiet_exporter(), torch.no_grad():
-            if cfg.exporter == "dynamo":
-                batch = torch.export.Dim("batch")
+            if exporter == "dynamo":
+                dims = {i: torch.export.Dim(n) for i, n in axes.items()}
                 torch.onnx.export(model, args, str(path), dynamo=True, external_data=False,
                                   input_names=names, output_names=["logits"], opset_version=max(cfg.opset, 18),
-                                  dynamic_shapes=tuple({0: batch} for _ in args))
+                                  dynamic_shapes=tuple(dims for _ in args))
             else:
                 torch.onnx.export(model, args, str(path), dynamo=False, input_names=names,
                                   output_names=["logits"], opset_version=cfg.opset, do_constant_folding=True,
-                                  dynamic_axes={**{n: {0: "batch"} for n in names}, "logits": {0: "batch"}})
+                                  dynamic_axes={**{n: axes for n in names}, "logits": axes})
     except Exception as exc:
-        raise UserError(f"ONNX export ({cfg.exporter}) failed: {type(exc).__name__}: "
+        raise UserError(f"ONNX export ({exporter}) failed: {type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     m = onnx.load(str(path))  # loads external data too, if the exporter split it out
     stray = Path(str(path) + ".data")

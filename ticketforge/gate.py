@@ -13,6 +13,8 @@ What each threshold measures (one check per row, so CI shows exactly what failed
   compressed model's median time.
   Rows without an interval (TensorRT engines, reports of older versions) are checked on their point
   value, and the check says so.
+- max_perplexity_ratio: a language model's validation perplexity, model.onnx over dense.onnx (both
+  measured in ONNX Runtime on the same tokens). A report without perplexity has no such check.
 - max_size_mb: the size of model.onnx.
 - min_sparsity: the sparsity of the prunable weights read back from model.onnx.
 A run with a budget (search.target_speedup, target_latency_ms, max_size_mb: ticketforge.budget)
@@ -70,6 +72,11 @@ def evaluate(report: Report, thresholds: dict) -> dict:
                 continue
             checks.append(_check(f"max_accuracy_drop[{file}]", t["max_accuracy_drop"], drop,
                                  drop <= t["max_accuracy_drop"], how))
+    if t["max_perplexity_ratio"] is not None and report.perplexity:
+        ppl = report.perplexity
+        ratio = ppl["onnx"] / ppl["dense"]
+        checks.append(_check("max_perplexity_ratio[model.onnx]", t["max_perplexity_ratio"], ratio,
+                             ratio <= t["max_perplexity_ratio"], "perplexity of model.onnx / dense.onnx"))
     timed = t["min_speedup"] is not None or t["max_latency_ms"] is not None
     for row in latency_rows(report, t["batch"]) if timed else []:
         where = f"{row['backend']}, batch {row['batch']}"

@@ -80,6 +80,10 @@ def load_folder(path: Path, trust_pickle: bool = False) -> tuple[nn.Module, dict
     except Exception as exc:
         raise UserError(f"{path}: the weights do not load into {cls.__name__}: "
                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+    if getattr(model.config, "use_cache", False):
+        # The whole-sequence forward is what is searched, trained and exported; a KV cache would only
+        # add past_key_values to every output (and to the ONNX graph). save_folder turns it back on.
+        model.config.use_cache = False
     problems = [f"{k.replace('_', ' ')} {list(v)[:5]}{' ...' if len(v) > 5 else ''}"
                 for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v]
     if problems:
@@ -110,6 +114,11 @@ def save_folder(model: nn.Module, out: Path, source: Path | None) -> list[str]:
     """Write `model` as a save_pretrained folder (model.safetensors); copy the source folder's other
     files (tokenizer, preprocessor config) so HF tooling keeps working. Returns the file names."""
     model.save_pretrained(str(out), safe_serialization=True)
+    if source is not None and (source / "config.json").is_file():
+        cached = json.loads((source / "config.json").read_text()).get("use_cache")
+        if cached is not None:  # load_folder turned the KV cache off for the whole-sequence forward
+            config = json.loads((out / "config.json").read_text())
+            (out / "config.json").write_text(json.dumps({**config, "use_cache": cached}, indent=2, sort_keys=True) + "\n")
     if source is not None and source.is_dir():
         for f in sorted(source.iterdir()):
             if f.is_file() and f.name not in WEIGHT_FILES and not (out / f.name).exists() \

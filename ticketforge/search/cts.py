@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
 
-from ticketforge import device as device_mod
+from ticketforge import device as device_mod, tasks
 from ticketforge.errors import UserError
 from ticketforge.masks import Mask, global_topk, keep_count, prunable
 from ticketforge.search.base import SearchContext, SearchResult, Units
@@ -283,6 +283,7 @@ def concrete_search(ctx: SearchContext, logits: dict[str, torch.Tensor], costs: 
     total = search_steps(ctx, len(data))
     stop = StopRule.from_recipe(cfg, keep, len(data)) if keep is not None else None
     prec = search_precision(device)
+    task = tasks.of(model)
 
     def loss_fn(soft, x, y):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -293,6 +294,7 @@ def concrete_search(ctx: SearchContext, logits: dict[str, torch.Tensor], costs: 
             with torch.no_grad():
                 teacher = model(x)
             student = functional_call(model, overrides(dict(zip(names, soft))), (x,), strict=False)
+        student, y, teacher = tasks.rows(task, student, x, y, teacher)  # per token for a language model
         return objective(cfg.objective, student, teacher, y)
 
     try:
