@@ -143,20 +143,25 @@ def command(folder: Path, data: Path, setting: str, method: str, seed: int, out:
 
 
 def run_one(folder: Path, data: Path, family: str, setting: str, method: str, seed: int, work: Path,
-            threads: int) -> dict:
+            threads: int, timeout: float) -> dict:
     out, log = work / "out", work / "run.log"
     row = {"family": family, "setting": setting, "method": method, "seed": seed}
     t = time.perf_counter()
     with open(log, "w") as f:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
-        code = subprocess.run(command(folder, data, setting, method, seed, out), stdout=f, stderr=subprocess.STDOUT,
-                              cwd=ROOT, env=env).returncode
+        try:
+            code = subprocess.run(command(folder, data, setting, method, seed, out), stdout=f,
+                                  stderr=subprocess.STDOUT, cwd=ROOT, env=env, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:  # the child is killed; a hang is a finding too
+            code = None
     row["seconds"] = round(time.perf_counter() - t, 1)
     lines = [x.strip() for x in log.read_text(errors="replace").splitlines() if x.strip()]
-    row["exit"] = code
+    row["exit"] = "" if code is None else code
     # 0: done; 1: ran, a check or budget failed (the report is still written); 2: refused (n/a)
-    row["status"] = {0: "ok", 1: "failed", 2: "n/a"}.get(code, "error")
-    row["reason"] = "" if code == 0 else (lines[-1][:300] if lines else "(no output)")
+    row["status"] = "timeout" if code is None else {0: "ok", 1: "failed", 2: "n/a"}.get(code, "error")
+    last = lines[-1][:300] if lines else "(no output)"
+    row["reason"] = (f"no result in {timeout:.0f} s; last output: {last}" if code is None
+                     else "" if code == 0 else last)
     report = out / "report.json"
     if code in (0, 1) and report.exists():
         r = json.loads(report.read_text())
@@ -215,8 +220,9 @@ def reasons(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Per family, grouped bars: perplexity by setting and method (mean over seeds, sd as error bar);
-    the dense model's perplexity as a dashed line."""
+    """Per family: perplexity by setting and method (mean over seeds, sd as error bar; points, since
+    the differences are small against the perplexity itself), the dense model's as a dashed line; a
+    setting with no result is labelled with what its runs did (n/a, failed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -237,11 +243,16 @@ def plot(rows: list[dict], path: Path) -> None:
                     ys.append(statistics.mean(v))
                     es.append(statistics.stdev(v) if len(v) > 1 else 0)
             if xs:
-                ax.bar(xs, ys, width, yerr=es, label=method, capsize=2)
+                ax.errorbar(xs, ys, yerr=es, fmt="o", label=method, capsize=2, color=f"C{j}")
         dense = [float(r["dense_ppl"]) for r in rows if r["family"] == family and r.get("dense_ppl") not in ("", None)]
         if dense:
             ax.axhline(statistics.mean(dense), color="black", ls="--", lw=1, label="dense")
+        for i, s in enumerate(settings):
+            if not _ok(rows, family=family, setting=s):
+                status = "/".join(sorted({r["status"] for r in rows if r["family"] == family and r["setting"] == s}))
+                ax.text(i, 0.5, status, transform=ax.get_xaxis_transform(), ha="center", color="grey")
         ax.set_xticks(range(len(settings)), settings)
+        ax.set_xlim(-0.6, len(settings) - 0.4)
         ax.set_ylabel("validation perplexity (ONNX)")
         ax.set_title(f"{family}: compressed by each method, same fine-tune (lower is better)")
         ax.grid(axis="y", alpha=0.3)
@@ -255,7 +266,8 @@ def write(rows: list[dict], dense: dict, out: Path) -> None:
     json_path = out.with_suffix(".json")
     payload = {"rows": rows, "dense": dense, "settings": {k: {"recipe": v[0], "sets": v[1], "methods": v[2]}
                                                           for k, v in SETTINGS.items()},
-               "finetune": FINETUNE, "cts_search": CTS_SEARCH, "cts_weights": CTS_WEIGHTS, "calibration": CALIBRATION, "timing": TIMING, "n_train": N_TRAIN, "n_val": N_VAL}
+               "finetune": FINETUNE, "cts_search": CTS_SEARCH, "cts_weights": CTS_WEIGHTS, "calibration": CALIBRATION,
+               "timing": TIMING, "n_train": N_TRAIN, "n_val": N_VAL}
     if json_path.exists():  # keep the dense models of other families
         payload["dense"] = {**json.loads(json_path.read_text()).get("dense", {}), **dense}
     json_path.write_text(json.dumps(payload, indent=1) + "\n")
@@ -271,6 +283,8 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--quick", action="store_true", help=f"seed 0, settings {' '.join(QUICK_SETTINGS)}")
     p.add_argument("--threads", type=int, default=1, help="1: on a shared 2-core machine more threads thrash")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds a run may take before it is killed "
+                   "(status timeout)")
     p.add_argument("--cache", type=Path, default=CACHE, help="where the corpus and the dense models are kept")
     p.add_argument("--out", type=Path, default=OUT / "lm.csv")
     p.add_argument("--table", action="store_true", help="print the markdown table of --out and redraw its plot")
@@ -306,7 +320,7 @@ def main(argv=None):
                                 continue
                             work = tmp / f"{family}-{setting.replace(':', 'to')}-{method}-{seed}"
                             work.mkdir()
-                            row = run_one(folder, data, family, setting, method, seed, work, a.threads)
+                            row = run_one(folder, data, family, setting, method, seed, work, a.threads, a.timeout)
                             w.writerow(row)
                             f.flush()
                             done.append({k: "" if row.get(k) is None else str(row.get(k, "")) for k in FIELDS})
