@@ -178,8 +178,9 @@ def _ok(rows, **match):
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: per family, setting and method, the exported model's validation perplexity and its
-    measured speed-up (ONNX Runtime CPU), mean ± sd (n seeds); n/a and errors by their status."""
+    """Markdown: per family, setting and method, the exported model's validation perplexity, mean ±
+    sd (n seeds), with the measured speed-up (ONNX Runtime CPU; channels, blocks) or the sparsity
+    read from model.onnx (unstructured); n/a, failures and timeouts by their status."""
     out = []
     for family in [f for f in FAMILIES if any(r["family"] == f for r in rows)]:
         dense = [float(r["dense_ppl"]) for r in rows if r["family"] == family and r.get("dense_ppl") not in ("", None)]
@@ -195,6 +196,9 @@ def table(rows: list[dict]) -> str:
                     speed = [float(r["speedup"]) for r in ok if r.get("speedup") not in ("", None)]
                     if speed and not setting.startswith(("unstructured", "2:4")):
                         cell += f", {statistics.mean(speed):.2f}x"
+                    sparsity = [float(r["sparsity"]) for r in ok if r.get("sparsity") not in ("", None)]
+                    if sparsity and setting.startswith("unstructured"):  # as model.onnx holds it
+                        cell += f", sparsity {statistics.mean(sparsity):.2f}"
                     if any(r["status"] == "failed" for r in ok):
                         cell += " (budget or check failed)"
                     cells.append(cell)
