@@ -46,7 +46,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from lm_corpus import CorpusConfig, subset  # noqa: E402
 from lm_dense import CACHE, DenseSpec, TrainConfig, corpus_dir, prepare  # noqa: E402
-from tables import mean_sd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"

@@ -47,7 +47,8 @@ def test_subset_keeps_evenly_spaced_windows(tmp_path):
 
 def test_quality_reads_a_perplexity_section_and_the_table_marks_what_did_not_run():
     report = {"perplexity": {"dense": 9.0, "onnx": 12.5, "tokens": 1000},
-              "accuracy": {"dense": 0.41, "dense_onnx": 0.4, "compressed": 0.35, "onnx": 0.34}, "agreement": {"onnx": 0.6}}
+              "accuracy": {"dense": 0.41, "dense_onnx": 0.4, "compressed": 0.35, "onnx": 0.34},
+              "agreement": {"onnx": 0.6}}
     assert lm.quality(report) == {"dense_ppl": 9.0, "ppl": 12.5, "ppl_before_finetune": None, "dense_top1": 0.4,
                                   "top1": 0.34, "top1_before_finetune": None, "agreement": 0.6}
     assert lm.quality({"accuracy": None})["ppl"] is None
