@@ -344,6 +344,7 @@ _CTS = ("cts", [])
 BASE = {**{f"search.{k}": _CTS for k in ("epochs", "steps", "min_steps", "lr", "batch_size", "objective", "temperature",
                                          "balance", "budget_slack")},
         "search.prune_fraction": ("imp", []), "search.synflow_rounds": ("magnitude", ["search.method=synflow"]),
+        "search.calibration_samples": ("wanda", []),
         "search.target_macs": ("cts-blocks", []), "search.blocks": ("cts-blocks", []),
         "convert.round_to": ("magnitude-channels", []), "convert.nm_decay": ("magnitude-2to4", [])}
 

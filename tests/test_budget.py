@@ -364,3 +364,61 @@ def test_size_budget_counts_the_int8_file():
     assert report["budget"]["file"] == "model.int8.onnx"
     assert Path("out/model.int8.onnx").stat().st_size / 2 ** 20 <= limit and report["budget"]["met"]
     assert report["search"]["budget_plan"]["reachable"]
+
+
+def test_a_timed_budget_is_also_timed_in_a_plain_session_and_the_gate_can_check_it(monkeypatch, work_clock):
+    """Issue 19 item 6: the report's own method beside a user's plain InferenceSession, and
+    gate.min_plain_speedup checks the plain number."""
+    from ticketforge import budget_verify
+
+    fake, _ = _mac_timer()
+    monkeypatch.setattr(budget_verify, "time_model", fake)
+    calls = []
+
+    def plain(dense, model, sample_shape, batch, threads, runs):
+        calls.append((Path(dense).name, Path(model).name, batch, runs))
+        return {"speedup": 1.1, "dense_ms": 2.2, "compressed_ms": 2.0, "runs": runs, "batch": batch, "threads": 2,
+                "how": "one default InferenceSession per file"}
+    monkeypatch.setattr(budget_verify, "plain_timing", plain)
+    report = _run("magnitude-channels", "search.target_speedup=1.2", "validate.plain_runs=7", "gate.min_plain_speedup=1.15")
+    assert calls == [("dense.onnx", "model.onnx", 16, 7)]  # once, on the final pair
+    assert report["budget"]["plain"]["speedup"] == 1.1
+    check = next(c for c in report["gate"]["checks"] if c["name"].startswith("min_plain_speedup"))
+    assert check["measured"] == 1.1 and not check["passed"] and not report["gate"]["passed"]
+    assert "A plain session measures 1.10x" in Path("out/report.md").read_text()
+
+
+def test_plain_timing_runs_both_files_in_default_sessions(tmp_path):
+    from ticketforge import export, latency, recipe as recipes
+
+    torch.manual_seed(0)
+    small, big = (torch.nn.Sequential(torch.nn.Linear(64, w), torch.nn.ReLU(), torch.nn.Linear(w, 10)) for w in (8, 1024))
+    for name, m in (("small", small), ("big", big)):
+        export.export_onnx(m, torch.randn(2, 64), tmp_path / f"{name}.onnx", recipes.resolve("magnitude").export)
+    ticks = iter(range(10 ** 6))
+    row = latency.plain(tmp_path / "big.onnx", tmp_path / "small.onnx", 4, 1, runs=6, clock=lambda: next(ticks))
+    assert row["runs"] == 6 and row["batch"] == 4 and row["threads"] == 1
+    assert row["speedup"] == 1.0 and row["dense_ms"] == row["compressed_ms"] == 1000.0  # one tick per run, each file
+
+
+@pytest.mark.parametrize("epochs", [0, 2])
+def test_what_the_verify_step_removes_is_fine_tuned_again_before_it_is_timed(monkeypatch, work_clock, epochs):
+    """finetune.recover_epochs: after each tightening, a short fine-tune of the masked ticket (the
+    mask held: removed channels stay removed), then convert and time; 0 skips it."""
+    from ticketforge import budget_verify, finetune as ft
+
+    fake, seen = _mac_timer(first=0.8 * 1.2)
+    monkeypatch.setattr(budget_verify, "time_model", fake)
+    fits, real_fit = [], ft.fit
+
+    def fit(model, mask, schedule, *args, **kwargs):
+        if kwargs.get("desc", "").startswith("budget"):  # not the pipeline's own fine-tune
+            fits.append((schedule.epochs, kwargs["desc"]))
+        out = real_fit(model, mask, schedule, *args, **kwargs)
+        assert all(bool(((p == 0) | m).all()) for p, m in zip(mask.bind(model)[0], mask.values()))  # mask held
+        return out
+    monkeypatch.setattr(budget_verify.finetune, "fit", fit)
+    report = _run("magnitude-channels", "search.target_speedup=1.2", "convert.round_to=8", "search.measure_rounds=0",
+                  f"finetune.recover_epochs={epochs}")
+    assert report["budget"]["adjustments"] >= 1
+    assert fits == ([(epochs, "budget: recovery fine-tune")] * report["budget"]["adjustments"] if epochs else [])

@@ -153,5 +153,5 @@ def test_too_many_blocks_and_mismatched_structure_are_user_errors(tmp_path):
     # method and structure are chosen apart: the recipe's CTS on another structure, its block budget gone
     other = recipe_mod.resolve("layers", ["convert.structure=unstructured"])
     assert (other.search.method, other.convert.structure) == ("cts", "unstructured")
-    with pytest.raises(UserError, match="'blocks' is searched by the methods cts; got search.method 'magnitude'"):
+    with pytest.raises(UserError, match="'blocks' is searched by the methods cts, similarity; got search.method 'magnitude'"):
         recipe_mod.resolve("magnitude", ["convert.structure=blocks"])

@@ -136,7 +136,7 @@ def test_pgf_gradient_reaches_pruned_weights_scaled():
 def test_recipe_rules():
     # method and structure are chosen apart: the cts-2to4 recipe's CTS on unstructured weights
     assert recipe_mod.resolve("cts-2to4", ["convert.structure=unstructured"]).convert.structure == "unstructured"
-    with pytest.raises(UserError, match="'2:4' is searched by the methods cts, magnitude; got search.method 'snip'"):
+    with pytest.raises(UserError, match="'2:4' is searched by the methods cts, magnitude, sparsegpt, wanda; got search.method 'snip'"):
         recipe_mod.resolve("magnitude-2to4", ["search.method=snip"])
     # 2:4 stays a string, not YAML 1.1's base-60 124; the magnitude recipe's sparsity 0.9 is not 2:4's
     assert recipe_mod.resolve("magnitude", ["convert.structure=2:4"], sparsity=0.5).convert.structure == "2:4"

@@ -203,5 +203,5 @@ def test_the_listing_names_each_structure_and_its_methods(cli):
     assert result.exit_code == 0
     lines = result.output.splitlines()
     assert any(line.startswith("2:4 ") for line in lines)
-    assert "methods: cts; budget keys: target_macs, blocks" in result.output
+    assert "methods: cts, similarity; budget keys: target_macs, blocks" in result.output
     assert textwrap.dedent(result.output).count("methods:") == len(structures.STRUCTURES.names())

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ticketforge import tasks
 from ticketforge.errors import UserError
+from ticketforge.masks import include_lm_head
 
 MASK = "attention_mask"
 
@@ -74,6 +76,9 @@ def mask_keyword(model: nn.Module) -> str | None:
 def apply(model: nn.Module, io: dict) -> nn.Module:
     """Install the hooks `io` (from `fit`) describes; also on a freshly built copy of the model."""
     model.ticketforge_inputs = list(io.get("inputs", ["input"]))  # read by graph_inputs(), copies keep it
+    model.ticketforge_task = io.get("task", tasks.CLASSIFY)  # read by tasks.of()
+    if io.get("prune_lm_head"):  # convert.prune_lm_head (ticketforge.masks)
+        include_lm_head(model, True)
     if io.get("inputs", ["input"])[1:]:
         model.register_forward_pre_hook(functools.partial(_split_hook, keyword=io.get("mask_keyword")),
                                         with_kwargs=True)
@@ -116,7 +121,7 @@ def fit(model: nn.Module, inputs: list[str], example: torch.Tensor) -> dict:
         model.train(was_training)
     logits, how = logits_of(out)
     if logits is None:
-        raise UserError(f"the model must return logits of shape (batch, classes): a tensor, or a ModelOutput, dict "
+        raise UserError(f"the model must return logits of shape (batch, classes) or (batch, seq, vocab): a tensor, or a ModelOutput, dict "
                         f"or namedtuple with 'logits', or a tuple or list whose first element is them; got {how}")
     if how != "tensor":
         if isinstance(model, torch.jit.ScriptModule):

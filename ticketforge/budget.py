@@ -183,4 +183,13 @@ def markdown(section: dict) -> str:
     return (f"Budget `{section['key']}` {fmt(section['target'])}{where}: measured {fmt(section['measured'])}"
             + (f" (95% interval {ci[0]:.3g}-{ci[1]:.3g})" if ci else "")
             + f", **{section['verdict']}**"
-            + (f" after {section['adjustments']} adjustment(s)" if section.get("adjustments") else "") + ".")
+            + (f" after {section['adjustments']} adjustment(s)" if section.get("adjustments") else "") + "."
+            + (plain_text(section["plain"]) if section.get("plain") else ""))
+
+
+def plain_text(p: dict) -> str:
+    """The plain-session timing, with the machine's load when it was taken (a busy machine distorts it)."""
+    busy = p.get("load") is not None and p.get("cores") and p["load"] > p["cores"]
+    return (f" A plain session measures {p['speedup']:.2f}x ({p['how']}"
+            + (f"; load average {p['load']:.1f} on {p['cores']} cores: the machine was busy, and a plain "
+               "session's worker threads then wait for cores, which distorts this number" if busy else "") + ").")

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from ticketforge import device as device_mod, distributed
 from ticketforge.errors import UserError
 from ticketforge.images import UNLABELED
+from ticketforge.tasks import IGNORE
 
 
 @dataclass
@@ -26,6 +27,8 @@ class DataBundle:
     # False: the data came without labels; its `y` is the dense model's top-1 (label_with_dense), so that
     # evaluations read as agreement with it, and training distills instead of learning from `y`.
     labeled: bool = True
+    # What the model's outputs are scored against (ticketforge.tasks), set by check_against_model.
+    task: str = "classify"
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -60,6 +63,11 @@ def _to_tensors(x: np.ndarray, y: np.ndarray | None, where: str, mask: np.ndarra
         y = np.full(len(x), UNLABELED, dtype=np.int64)
     elif len(x) != len(y):
         raise UserError(f"{where}: x has {len(x)} samples but y has {len(y)}")
+    elif y.ndim == 2 and _token_ids(x):  # one label per token (token classification); -100: no label there
+        if y.shape != x.shape or not np.issubdtype(y.dtype, np.integer):
+            raise UserError(f"{where}: per-token labels y must be integers shaped like x {x.shape}, got {y.dtype} {y.shape}")
+        if ((y < 0) & (y != IGNORE)).any():
+            raise UserError(f"{where}: y has negative labels other than {IGNORE} (a position without a label)")
     elif y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         if np.issubdtype(y.dtype, np.floating) and y.ndim == 1 and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
             y = y.astype(np.int64)
@@ -143,6 +151,39 @@ def _npz(path: Path) -> tuple[TensorDataset, TensorDataset | None, list[str], bo
     return train, val, ["input", "attention_mask"] if masked else ["input"], labeled
 
 
+TEXT_SUFFIXES = (".txt", ".text")
+
+
+def _text(path: Path, tokenizer: Path | None, seq_len: int) -> TensorDataset:
+    """A text file as token-id sequences for a language model: tokenized with the model folder's own
+    tokenizer.json (the `tokenizers` library reads it; nothing is fetched), then cut into
+    consecutive sequences of `seq_len` tokens (the tail that does not fill one is dropped)."""
+    if not path.is_file():
+        raise UserError(f"text data {path} does not exist")
+    if tokenizer is None or not tokenizer.is_file():
+        raise UserError(f"text data {path} needs a tokenizer: give a Hugging Face model folder holding tokenizer.json "
+                        "as MODEL, or tokenize the text yourself into an .npz of token ids (x: N x L)")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        from ticketforge.hf import INSTALL
+        raise UserError(f"text data needs the tokenizers library: {INSTALL}") from None
+    try:
+        tok = Tokenizer.from_file(str(tokenizer))
+    except Exception as exc:
+        raise UserError(f"{tokenizer} does not load as a tokenizers tokenizer: {str(exc).splitlines()[0]}") from None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"text data {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    ids = np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+    n = len(ids) // seq_len
+    if n < 2:
+        raise UserError(f"text data {path} gives {len(ids)} tokens: fewer than two sequences of data.seq_len "
+                        f"{seq_len} (a training and a validation one)")
+    return _to_tensors(ids[:n * seq_len].reshape(n, seq_len), None, str(path))
+
+
 def _callable(spec: str):
     from ticketforge.models import import_callable
 
@@ -158,14 +199,19 @@ def _callable(spec: str):
     return train, val
 
 
-def load_data(spec: str, val_fraction: float = 0.1, seed: int = 0, cfg=None) -> DataBundle:
-    """`cfg`: the recipe's `data` section (how an image folder is read); defaults when None."""
+def load_data(spec: str, val_fraction: float = 0.1, seed: int = 0, cfg=None, tokenizer: Path | None = None) -> DataBundle:
+    """`cfg`: the recipe's `data` section (how an image folder or a text file is read); defaults when
+    None. `tokenizer`: the model folder's tokenizer.json, for text files."""
     if not 0 < val_fraction < 1:
         raise UserError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     inputs, info, labeled = ["input"], {}, True
     if spec == "digits":
         x, y = _digits()
         train, val = TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), None
+    elif spec.endswith(TEXT_SUFFIXES):
+        from ticketforge.recipe import DataConfig
+
+        train, val, labeled = _text(Path(spec), tokenizer, (cfg or DataConfig()).seq_len), None, False
     elif spec.endswith(".npz") or Path(spec).is_file():
         train, val, inputs, labeled = _npz(Path(spec))
     elif Path(spec).is_dir():
@@ -198,7 +244,7 @@ def label_with_dense(bundle: DataBundle, model: torch.nn.Module, device: torch.d
     model.eval()
     bases = {id(b): b for b in (_base(bundle.train)[0], _base(bundle.val)[0])}  # a held-out split shares its base
     for base in bases.values():
-        top1 = torch.cat([model(device_mod.inputs_to(x, device, model)).argmax(1).cpu() for x, _ in loader(base, 256)])
+        top1 = torch.cat([model(device_mod.inputs_to(x, device, model)).argmax(-1).cpu() for x, _ in loader(base, 256)])
         if isinstance(base, TensorDataset):
             base.tensors = (base.tensors[0], top1)
         else:  # an image folder
@@ -259,23 +305,60 @@ def expected_input(model: torch.nn.Module) -> str | None:
     return None
 
 
-def check_against_model(bundle: DataBundle, model: torch.nn.Module) -> int:
+def _vocabulary(model: torch.nn.Module) -> int | None:
+    """Rows of the model's input embedding (its first nn.Embedding), None without one."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(emb, torch.nn.Embedding):
+        emb = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+    return emb.num_embeddings if emb is not None else None
+
+
+def check_against_model(bundle: DataBundle, model: torch.nn.Module, architectures: list[str] | None = None) -> int:
     """Run one validation batch through the model: shape errors and label range become clear errors.
-    Returns the number of classes."""
+    Decides the task (ticketforge.tasks: per-sample classes, a causal LM's next token, a label per
+    token), records it on the model, and returns the number of classes (a language model's vocabulary).
+    A language model's data is its own target: the bundle counts as labeled."""
+    from ticketforge import tasks
+
     x = bundle.example(2)
     model.eval()
     try:
         with torch.no_grad():
             out = model(x)
     except Exception as exc:
+        vocab = _vocabulary(model)
+        if vocab is not None and x.dtype == torch.int64 and int(x.max()) >= vocab:
+            raise UserError(f"--data {bundle.spec}: token ids go up to {int(x.max())} but the model's vocabulary has "
+                            f"{vocab} entries (was the data tokenized with this model's tokenizer?)") from None
         expects = expected_input(model)
         raise UserError(f"the model rejects inputs of shape {tuple(x.shape)} (batch, *sample) from --data "
                         f"{bundle.spec}{'; ' + expects if expects else ''}: "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        raise UserError(f"the model must return logits of shape (batch, classes); got "
-                        f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
-    classes = out.shape[1]
+    got = f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}"
+    if not isinstance(out, torch.Tensor) or out.ndim not in (2, 3):
+        raise UserError(f"the model must return logits of shape (batch, classes), or (batch, seq, vocab) for a "
+                        f"language model or token classifier; got {got}")
+    y = labels_of(bundle.val)
+    if out.ndim == 3 and x.dtype != torch.int64:
+        raise UserError(f"the model returns per-position logits {got}, which ticketforge reads as a language model "
+                        "or token classifier: its data must be token ids (an integer N x L array x)")
+    task = tasks.infer(out.ndim, y.dim(), bundle.labeled, architectures)
+    if task is None:
+        shape = "(N, L) (one per token)" if out.ndim == 3 else "(N,) (one per sample)"
+        raise UserError(f"the model returns logits {got} but the labels y are {tuple(y.shape)}: they must be {shape}; "
+                        "a language model needs no labels (give x alone)")
+    model.ticketforge_task = bundle.task = task
+    classes = out.shape[-1]
+    if task == tasks.NEXT_TOKEN:
+        bundle.labeled = True  # the next token is the label
+        checked = (("training", bundle.train), ("validation", bundle.val))
+        for name, ds in checked:
+            ids = _base(ds)[0]
+            ids = ids.tensors[0] if isinstance(ids, TensorDataset) else None
+            if ids is not None and len(ids) and int(ids.max()) >= classes:
+                raise UserError(f"the {name} token ids go up to {int(ids.max())} but the model's vocabulary has "
+                                f"{classes} entries (was the data tokenized with this model's tokenizer?)")
+        return classes
     for name, ds in (("training", bundle.train), ("validation", bundle.val)):
         y = labels_of(ds)
         if len(y) and int(y.max()) >= classes:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import logging
 import os
@@ -13,6 +14,7 @@ import onnx
 import torch
 from torch import nn
 
+from ticketforge import tasks
 from ticketforge.errors import UserError, VerificationError
 from ticketforge.recipe import ExportConfig
 
@@ -46,6 +48,50 @@ class SplitInputs(nn.Module):
         return self.model(torch.stack((input, attention_mask), 1))
 
 
+class OneInput(nn.Module):
+    """The model called with its one input only. The TorchScript exporter fills every parameter the
+    forward does not get with its default, and traces an int default as a graph input (HF causal
+    LMs' `logits_to_keep=0` became a required input that selects one position)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input):
+        return self.model(input)
+
+
+def _more_parameters(model: nn.Module, count: int) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) > count
+
+
+@contextlib.contextmanager
+def traceable(model: nn.Module):
+    """An HF transformers model made to trace what it computes. Its attention runs as plain ops
+    ("eager"): the TorchScript exporter drops SDPA's `is_causal` (a causal LM's exported graph let
+    every token see the later ones) and cannot convert grouped-query SDPA. And HF's check for
+    sequences packed into one row (positions restarting inside a row) is skipped: ticketforge feeds
+    one sequence per row, positions 0..L-1 (the check traces into `aten::diff`, which opset 17 has
+    not). `model` is the exporter's own copy, changed in place."""
+    from ticketforge import hf
+
+    if not hf.is_model(model):
+        yield model
+        return
+    from unittest import mock
+
+    from transformers import masking_utils
+
+    with contextlib.suppress(Exception):  # a model that has one attention implementation only
+        model.set_attn_implementation("eager")
+    with mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda position_ids: None):
+        yield model
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: ExportConfig,
                 inputs: list[str] | tuple[str, ...] = ("input",)) -> Path:
     """`inputs`: the graph's input names, ticketforge.data.DataBundle.inputs (the model's output is
@@ -56,25 +102,30 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
         raise UserError("ONNX export: the model has BatchNorm layers without running statistics (e.g. the built-in "
                         "resnet20-tlab by default); build it with running statistics (--arch-kwargs "
                         "'{\"running_stats\": true}') to export it")
-    model = copy.deepcopy(model).cpu().eval()
+    sequence = tasks.sequence(tasks.of(model))  # logits (batch, seq, vocab): the sequence axis is dynamic too
+    exporter = cfg.exporter if cfg.exporter != "auto" else "dynamo" if sequence else "torchscript"
+    model = inner = copy.deepcopy(model).cpu().eval()
     example = example.cpu()
     args = (example,)
     if len(inputs) == 2:
         model, args = SplitInputs(model), (example[:, 0], example[:, 1])
+    elif _more_parameters(model, 1):
+        model = OneInput(model)
     names = list(inputs)
+    axes = {0: "batch", 1: "seq"} if sequence else {0: "batch"}
     try:
-        with quiet_exporter(), torch.no_grad():
-            if cfg.exporter == "dynamo":
-                batch = torch.export.Dim("batch")
+        with quiet_exporter(), torch.no_grad(), traceable(inner):
+            if exporter == "dynamo":
+                dims = {i: torch.export.Dim(n) for i, n in axes.items()}
                 torch.onnx.export(model, args, str(path), dynamo=True, external_data=False,
                                   input_names=names, output_names=["logits"], opset_version=max(cfg.opset, 18),
-                                  dynamic_shapes=tuple({0: batch} for _ in args))
+                                  dynamic_shapes=tuple(dims for _ in args))
             else:
                 torch.onnx.export(model, args, str(path), dynamo=False, input_names=names,
                                   output_names=["logits"], opset_version=cfg.opset, do_constant_folding=True,
-                                  dynamic_axes={**{n: {0: "batch"} for n in names}, "logits": {0: "batch"}})
+                                  dynamic_axes={**{n: axes for n in names}, "logits": axes})
     except Exception as exc:
-        raise UserError(f"ONNX export ({cfg.exporter}) failed: {type(exc).__name__}: "
+        raise UserError(f"ONNX export ({exporter}) failed: {type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     m = onnx.load(str(path))  # loads external data too, if the exporter split it out
     stray = Path(str(path) + ".data")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ticketforge import device as device_mod, distributed
+from ticketforge import device as device_mod, distributed, tasks
 from ticketforge.data import loader
 from ticketforge.errors import UserError
 from ticketforge.masks import Mask
@@ -168,6 +168,7 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, devic
     losses = []
     model.train()
     distilling = teacher is not None and distill > 0
+    task = tasks.of(model)
     if distilling:
         teacher.eval()
     steps = epochs * steps_per_epoch - start_step
@@ -193,10 +194,12 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, devic
                     if distilling:
                         with torch.no_grad():
                             target = teacher(x)
+                # A sequence task's logits become one row per counted token (ticketforge.tasks)
+                out, labels, soft = tasks.rows(task, logits.float(), x, y, target.float() if distilling else None)
                 if distilling:
-                    loss = distill_loss(logits.float(), target.float(), y, distill, distill_temperature)
+                    loss = distill_loss(out, soft, labels, distill, distill_temperature)
                 else:
-                    loss = nn.functional.cross_entropy(logits.float(), y)
+                    loss = nn.functional.cross_entropy(out, labels)
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(f"{desc}: the loss became {loss.item()} at epoch {start_epoch + epoch + 1}; "
                                         "lower the learning rate (--set finetune.lr=...)")
@@ -243,12 +246,15 @@ class _nothing:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+    """Top-1 accuracy over the loader: per sample, or per counted token for a sequence task (a
+    language model's next-token accuracy)."""
     model.eval()
+    task = tasks.of(model)
     correct = total = 0
     for x, y in loader:
-        pred = model(x.to(device)).argmax(1).cpu()
-        correct += int((pred == y).sum())
-        total += len(y)
+        right, n = tasks.correct(task, model(x.to(device)).cpu(), x, y)
+        correct += right
+        total += n
     return correct / max(total, 1)
 
 

@@ -13,6 +13,12 @@ What each threshold measures (one check per row, so CI shows exactly what failed
   compressed model's median time.
   Rows without an interval (TensorRT engines, reports of older versions) are checked on their point
   value, and the check says so.
+- max_perplexity_ratio: a language model's validation perplexity, model.onnx over dense.onnx (both
+  measured in ONNX Runtime on the same tokens). A report without perplexity has no such check.
+- min_plain_speedup: a timed budget's pair measured again as a user's own code would (one default
+  InferenceSession per file, medians of alternating runs: report.json budget.plain). The report's
+  method (spinning off, interleaved sessions, bootstrap interval) and a plain session can differ
+  by up to ~13% on a loaded machine (docs/plain-session-timing.md); this checks the plain one.
 - max_size_mb: the size of model.onnx.
 - min_sparsity: the sparsity of the prunable weights read back from model.onnx.
 A run with a budget (search.target_speedup, target_latency_ms, max_size_mb: ticketforge.budget)
@@ -70,6 +76,11 @@ def evaluate(report: Report, thresholds: dict) -> dict:
                 continue
             checks.append(_check(f"max_accuracy_drop[{file}]", t["max_accuracy_drop"], drop,
                                  drop <= t["max_accuracy_drop"], how))
+    if t["max_perplexity_ratio"] is not None and report.perplexity:
+        ppl = report.perplexity
+        ratio = ppl["onnx"] / ppl["dense"]
+        checks.append(_check("max_perplexity_ratio[model.onnx]", t["max_perplexity_ratio"], ratio,
+                             ratio <= t["max_perplexity_ratio"], "perplexity of model.onnx / dense.onnx"))
     timed = t["min_speedup"] is not None or t["max_latency_ms"] is not None
     for row in latency_rows(report, t["batch"]) if timed else []:
         where = f"{row['backend']}, batch {row['batch']}"
@@ -92,6 +103,10 @@ def evaluate(report: Report, thresholds: dict) -> dict:
         where = f"batch {b['batch']}" if b.get("batch") else b.get("file", "model.onnx")
         checks.append(_check(f"budget[{b['key']}, {where}]", b["target"], b["measured"], b["met"],
                              "point value of the verify step's measurement" if b.get("ci") else None))
+    if t["min_plain_speedup"] is not None and b and b.get("plain"):
+        plain = b["plain"]["speedup"]
+        checks.append(_check(f"min_plain_speedup[batch {b['plain']['batch']}]", t["min_plain_speedup"], plain,
+                             plain >= t["min_plain_speedup"], b["plain"]["how"]))
     for name, section in (report.structure or {}).items():
         if name in structures.STRUCTURES:
             checks += structures.get(name).gate_checks(section)

@@ -345,6 +345,40 @@ def compare(base: str | Path, new: str | Path, batches: list[int], s: Settings, 
     return rows
 
 
+def plain(base: str | Path, new: str | Path, batch: int, threads: int, runs: int = 30, *,
+          sample_shape: tuple[int, ...] | None = None, warmup: int = 3, clock: Clock = time.perf_counter) -> dict:
+    """The pair timed as a user would with their own code: one `InferenceSession` per file with ONNX
+    Runtime's default options but the thread count (intra-op spinning on, inter-op at its default),
+    `runs` alternating runs, medians. No interval and no bootstrap: this is the independent
+    second opinion on the report's method (docs/plain-session-timing.md), not a replacement."""
+    opts = []
+    for _ in range(2):
+        o = ort.SessionOptions()
+        o.intra_op_num_threads = resolve_threads(threads)
+        o.log_severity_level = 3
+        opts.append(o)
+    sb, sn = (ort.InferenceSession(str(p), o, providers=["CPUExecutionProvider"]) for p, o in zip((base, new), opts))
+    x, xn = feeds(sb, batch, sample_shape), feeds(sn, batch, sample_shape)
+    for _ in range(warmup):
+        sb.run(None, x)
+        sn.run(None, xn)
+    tb, tn = [], []
+    for i in range(runs):
+        first, second = ((sb, x, tb), (sn, xn, tn)) if i % 2 == 0 else ((sn, xn, tn), (sb, x, tb))
+        for sess, feed, times in (first, second):
+            times.append(_timed(lambda: sess.run(None, feed), clock))
+    dense, comp = float(np.median(tb)), float(np.median(tn))
+    # A plain session's parallel operators wait for their worker threads to get a core: on a busy
+    # machine that inflates whichever model has more parallel work (measured: dense 2.8 ms at 1 thread,
+    # 18 ms at 2 threads, load 7 on 2 cores). The load says how far to trust the number.
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"speedup": round(dense / comp, 4), "dense_ms": round(dense * 1e3, 4), "compressed_ms": round(comp * 1e3, 4),
+            "runs": runs, "batch": batch, "threads": resolve_threads(threads),
+            "load": round(load, 2) if load is not None else None, "cores": cores(),
+            "how": f"one default InferenceSession per file, intra_op_num_threads={resolve_threads(threads)}, "
+                   f"median of {runs} alternating runs"}
+
+
 def measure(path: str | Path, batches: list[int], s: Settings, *, sample_shape: tuple[int, ...] | None = None,
             dims: dict[str, int] | None = None, provider: str = "CPUExecutionProvider") -> list[dict]:
     """One latency row per batch for a single model."""

@@ -1,4 +1,9 @@
-"""Binary masks over the prunable weights (every Conv and Linear weight; biases and norms never)."""
+"""Binary masks over the prunable weights (every Conv and Linear weight; biases and norms never).
+
+A language model's head is left whole: a Linear whose weight is an nn.Embedding's (GPT-2 ties its
+head to the input embedding: pruning one prunes the other), and the model's output embedding (an
+HF model's `get_output_embeddings()`, an untied LM head), unless the recipe includes the head
+(convert.prune_lm_head, which `include_lm_head` records on the model)."""
 from __future__ import annotations
 
 import math
@@ -13,15 +18,39 @@ PRUNABLE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 _SCRIPTED_PRUNABLE = {"Conv1d", "Conv2d", "Conv3d", "Linear"}
 
 
+PRUNE_LM_HEAD = "ticketforge_prune_lm_head"  # the model attribute include_lm_head sets
+
+
 def prunable(model: nn.Module) -> dict[str, nn.Parameter]:
-    """name -> weight of every Conv/Linear layer (TorchScript modules too, by their original class)."""
-    out = {}
+    """name -> weight of every Conv/Linear layer (TorchScript modules too, by their original class),
+    but a language model's head (`kept_whole`)."""
+    out, whole = {}, kept_whole(model)
     for name, mod in model.named_modules():
         is_prunable = isinstance(mod, PRUNABLE_TYPES) or getattr(mod, "original_name", None) in _SCRIPTED_PRUNABLE
         w = getattr(mod, "weight", None)
-        if is_prunable and isinstance(w, torch.Tensor) and w.dim() >= 2:
+        if is_prunable and isinstance(w, torch.Tensor) and w.dim() >= 2 and id(w) not in whole:
             out[f"{name}.weight" if name else "weight"] = w
     return out
+
+
+def kept_whole(model: nn.Module) -> set[int]:
+    """ids of the weights no mask covers: every nn.Embedding's (a layer sharing it, a tied LM head,
+    would prune the embedding), and the output embedding's unless `include_lm_head` said otherwise."""
+    whole = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get) and not getattr(model, PRUNE_LM_HEAD, False):
+        try:
+            head = get()
+        except Exception:  # a model class that does not implement it has no head to keep
+            head = None
+        if isinstance(getattr(head, "weight", None), torch.Tensor):
+            whole.add(id(head.weight))
+    return whole
+
+
+def include_lm_head(model: nn.Module, include: bool) -> None:
+    """Make an untied LM head prunable (convert.prune_lm_head) on this model and its copies."""
+    setattr(model, PRUNE_LM_HEAD, bool(include))
 
 
 class Mask(dict):

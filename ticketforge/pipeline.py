@@ -16,11 +16,12 @@ import torch
 
 import ticketforge
 from ticketforge import adapt, data as data_stage, device as device_mod, distributed, gate as gate_stage, latency, steps
-from ticketforge import errors, structures
+from ticketforge import errors, structures, tasks
 from ticketforge import report as report_stage
 from ticketforge.data import DataBundle, check_against_model, load_data
 from ticketforge.errors import UserError
 from ticketforge.loading import LoadedModel, load_model
+from ticketforge.masks import include_lm_head
 from ticketforge.recipe import Recipe
 from ticketforge.report_schema import Report
 from ticketforge.runner import Runner, seed_everything
@@ -97,9 +98,15 @@ def load_inputs(job: Job) -> tuple[LoadedModel, DataBundle, int]:
     spec = job.data or loaded.data
     if spec is None:
         raise UserError("no data: pass --data (digits, a .npz file, or package.module:callable)")
-    bundle = load_data(spec, job.val_fraction, job.seed, job.recipe.data)
+    folder = Path(job.model_path)
+    bundle = load_data(spec, job.val_fraction, job.seed, job.recipe.data,
+                       tokenizer=folder / "tokenizer.json" if folder.is_dir() else None)
     loaded.io = adapt.fit(loaded.model, bundle.inputs, bundle.example(2))
-    classes = check_against_model(bundle, loaded.model)
+    classes = check_against_model(bundle, loaded.model, (loaded.hf_config or {}).get("architectures"))
+    loaded.io["task"] = tasks.of(loaded.model)  # rebuilt models (a fresh init, a ticket) get it back
+    if job.recipe.convert.prune_lm_head:  # the copies built later get it from io (adapt.apply)
+        loaded.io["prune_lm_head"] = True
+        include_lm_head(loaded.model, True)
     return loaded, bundle, classes
 
 
@@ -133,7 +140,9 @@ def _compress(job: Job, out: Path, device: torch.device) -> dict | None:
     data_stage.use_device(device)
     world = distributed.world_size()
     ui.log(f"loaded {job.model_path} ({loaded.kind}), data {bundle.spec}: {len(bundle.train)} train / "
-           f"{len(bundle.val)} validation samples, {classes} classes; device {device}"
+           f"{len(bundle.val)} validation samples, "
+           + (f"{classes} classes" if tasks.of(loaded.model) == tasks.CLASSIFY else
+              f"{classes} outputs per token ({tasks.of(loaded.model)})") + f"; device {device}"
            + (f"; {world} processes, each batch split {world} ways" if world > 1 else ""))
     if bundle.info.get("images"):
         where = f"in {len(bundle.info['classes'])} classes" if bundle.labeled else "without class folders (no labels)"
@@ -244,6 +253,7 @@ def build_report(job: Job, run: steps.Run, runner: Runner, classes: int, key: st
         "size_mb": {"dense": m["dense"]["size_mb"], "compressed": m["compressed"]["size_mb"]},
         "size": m["size"],
         **_quality(run),
+        **({"perplexity": m["perplexity"]} if "perplexity" in m else {}),
         "parity": m["parity"]["max"],
         "parity_mean": m["parity"]["mean"],
         "parity_samples": m["parity"]["samples"],

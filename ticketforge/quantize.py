@@ -101,7 +101,6 @@ def export_quantized(folder: Path, kind: str, bundle, repeats: int, warmup: int,
     accuracy and (INT8) its latency against the dense fp32 export; returns (report section,
     latency rows)."""
     from ticketforge import validate
-    from ticketforge.data import labels_of
 
     path = folder / f"model.{kind}.onnx"
     rows = []
@@ -117,10 +116,10 @@ def export_quantized(folder: Path, kind: str, bundle, repeats: int, warmup: int,
     if kind == "int8":
         rows = validate.latency(folder / "dense.onnx", path, bundle.input_shape, batches, repeats, warmup,
                                 backend="onnxruntime-cpu-int8", settings=settings)
-    preds = validate.onnx_predictions(path, bundle.val)
-    dense = validate.onnx_predictions(folder / "dense.onnx", bundle.val)
+    ours = validate.onnx_outputs(path, bundle.val, bundle.task)
+    dense = validate.onnx_outputs(folder / "dense.onnx", bundle.val, bundle.task)
     # top-1 agreement with dense.onnx always; accuracy only where there are labels
-    info.update(file=path.name, agreement=validate.agreement(preds, dense),
-                accuracy=validate.agreement(preds, labels_of(bundle.val).numpy()) if bundle.labeled else None,
+    info.update(file=path.name, agreement=validate.agreement(ours.pred, dense.pred),
+                accuracy=validate.agreement(ours.pred, ours.target) if bundle.labeled else None,
                 size_mb=path.stat().st_size / 2 ** 20, size=sparse_storage.sizes(path))
     return info, rows

@@ -64,6 +64,8 @@ class SearchConfig:
     prune_fraction: float = opt(0.2, "IMP: fraction of the remaining weights removed per round",
                                 lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     synflow_rounds: int = opt(100, "SynFlow: pruning rounds (exponential schedule)", lo=1)
+    calibration_samples: int = opt(128, "wanda, sparsegpt, similarity: training samples run through the model "
+                                   "(no gradients, search.batch_size at a time) to measure the layers' inputs", lo=1)
     stop_overlap: float = opt(0.999, "CTS: stop once successive top-k sets of the logits overlap more than this "
                               "for stop_window checks (epochs/steps are then the cap); 1: never stop early",
                               lo=0.0, hi=1.0, lo_open=True)
@@ -133,6 +135,9 @@ class FinetuneConfig:
                          "in docs/distillation.md", lo=0.0, hi=1.0)
     distill_temperature: float = opt(2.0, "distillation temperature T: both models' logits are divided by it before "
                                      "the softmax", lo=0.0, lo_open=True)
+    recover_epochs: int = opt(1, "budgets: when the verify step removes more to meet a missed budget, fine-tune the "
+                              "ticket this many epochs again (these settings, a fresh cosine schedule) before it is "
+                              "converted and measured; 0: not (what was removed costs accuracy)", lo=0)
 
 
 @dataclass
@@ -143,13 +148,17 @@ class ConvertConfig:
     round_to: int = opt(16, "channels: keep multiples of this many channels (runtime vector width)", lo=1)
     nm_decay: str = opt("none", "2:4 fine-tune: hard mask, or pruned weights decayed to zero "
                         "(Progressive Gradient Flow)", choices=["none", "exponential"])
+    prune_lm_head: bool = opt(False, "unstructured, N:M: prune a language model's output embedding (its LM head) too; "
+                              "a head tied to the input embedding is never pruned")
 
 
 @dataclass
 class ExportConfig:
     targets: list = opt(["onnx"], "what to build", choices=["onnx", "tensorrt"])
-    exporter: str = opt("torchscript", "torch.onnx exporter (torchscript: fast and forgiving; dynamo: torch.export)",
-                        choices=["torchscript", "dynamo"])
+    exporter: str = opt("auto", "torch.onnx exporter (torchscript: fast and forgiving; dynamo: torch.export; auto: "
+                        "dynamo for language models and token classifiers, whose traced sequence length and batch "
+                        "torchscript bakes into HF attention masks, torchscript for the rest)",
+                        choices=["auto", "torchscript", "dynamo"])
     opset: int = opt(17, "ONNX opset", lo=13)
     quantize: str = opt("none", "also write a quantized model", choices=["none", "int8", "fp16"])
     trt_batch: list = opt([1, 64, 256], "TensorRT optimization profile: min, opt, max batch")
@@ -177,6 +186,9 @@ class ValidateConfig:
                               "gets, so the budget holds where the model is deployed", lo=0)
     budget_rounds: int = opt(3, "budgets: at most this many times the verify step removes more and re-measures "
                              "when the exported model misses its budget", lo=0)
+    plain_runs: int = opt(30, "timed budgets: also time the final pair as a user's own code would (one default "
+                          "InferenceSession per file, this many alternating runs, medians; report.json budget.plain); "
+                          "0: not", lo=0)
     parity_tol: float = opt(1e-3, "max abs logit difference allowed between torch and ONNX", lo=0.0, lo_open=True)
 
 
@@ -189,6 +201,10 @@ class GateConfig:
                                        "interval (every backend and batch, or gate.batch)")
     max_latency_ms: Optional[float] = opt(None, "latency of the exported model, at most, checked on the high end of "
                                           "its 95% interval (every backend and batch, or gate.batch)")
+    min_plain_speedup: Optional[float] = opt(None, "timed budgets: the speed-up a plain session measures "
+                                             "(budget.plain, validate.plain_runs), at least", lo=0.0)
+    max_perplexity_ratio: Optional[float] = opt(None, "language models: the exported model's validation perplexity "
+                                                "over dense.onnx's, at most (1.1 = 10% higher)", lo=1.0)
     max_size_mb: Optional[float] = opt(None, "size of model.onnx in MB, at most", lo=0.0)
     min_sparsity: Optional[float] = opt(None, "achieved sparsity, at least", lo=0.0, hi=1.0)
     batch: Optional[int] = opt(None, "check min_speedup and max_latency_ms only at this batch size (one of "
@@ -197,7 +213,7 @@ class GateConfig:
 
 @dataclass
 class DataConfig:
-    """How an image folder (--data DIR) becomes tensors; other data is used as given."""
+    """How an image folder or a text file becomes tensors; other data is used as given."""
 
     resize: int = opt(224, "image folders: resize the shorter side to this many pixels", lo=1)
     crop: int = opt(224, "image folders: then center-crop a square of this size (at most resize)", lo=1)
@@ -206,6 +222,8 @@ class DataConfig:
     cache_mb: int = opt(2048, "image folders: decoded images kept in memory, at most this many MiB", lo=0)
     workers: int = opt(2, "image folders: threads decoding into the cache, and loader processes for what "
                        "does not fit it", lo=0)
+    seq_len: int = opt(128, "text files (--data FILE.txt, a language model): tokens per sequence; the text is "
+                       "tokenized with the model folder's tokenizer.json and cut into sequences of this length", lo=2)
 
 
 @dataclass

@@ -40,6 +40,9 @@ class Report:
     # int8 / fp16 (against dense.onnx); without labels also compressed and before_finetune (torch, against
     # the dense torch model) and engine
     agreement: dict | None = None
+    # a language model's validation perplexity (next-token), dense.onnx and model.onnx, and the
+    # number of tokens it was measured on
+    perplexity: dict | None = None
     parity_mean: float | None = None
     parity_samples: int | None = None
     size: dict | None = None         # bytes and gzip bytes, sparse storage
@@ -85,8 +88,9 @@ def pct(x) -> str:
 
 
 def quality_rows(r: Report) -> list[list[str]]:
-    """The summary's accuracy rows (label, dense, compressed): accuracy where the data has labels, and
-    top-1 agreement with the dense model (all there is without labels)."""
+    """The summary's accuracy rows (label, dense, compressed): accuracy where the data has labels (a
+    language model's: next-token top-1), top-1 agreement with the dense model (all there is without
+    labels), and a language model's perplexity."""
     acc, agree = r.accuracy, r.agreement or {}
     rows = []
     if acc is not None:
@@ -96,4 +100,7 @@ def quality_rows(r: Report) -> list[list[str]]:
         rows.append(["top-1 agreement with dense, no labels (torch)", pct(1.0), pct(agree.get("compressed"))])
     if agree.get("onnx") is not None:
         rows.append(["top-1 agreement with dense.onnx (ONNX Runtime, exported)", pct(1.0), pct(agree["onnx"])])
+    if r.perplexity:
+        rows.append([f"perplexity, next token (ONNX Runtime, {r.perplexity['tokens']:,} tokens)",
+                     f"{r.perplexity['dense']:.3f}", f"{r.perplexity['onnx']:.3f}"])
     return rows

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ticketforge import distributed, finetune, hf, sparse_storage, structures, ticket, validate
+from ticketforge import distributed, finetune, hf, sparse_storage, structures, tasks, ticket, validate
 from ticketforge import data as data_mod, export as export_mod
 from ticketforge.data import DataBundle, loader
 from ticketforge.errors import VerificationError
@@ -293,14 +293,16 @@ def measure(run: Run) -> None:
     m["parity"] = par
     m["structure"] = run.structure.verify(out / "model.onnx", out / "dense.onnx", run.converted, recipe) or {}
     # One pass of each file over the validation split: accuracy (where there are labels) and top-1
-    # agreement of model.onnx with dense.onnx (always; without labels it is the accuracy that counts)
-    preds, dense_preds, labels = (validate.onnx_predictions(out / "model.onnx", run.bundle.val),
-                                  validate.onnx_predictions(out / "dense.onnx", run.bundle.val),
-                                  data_mod.labels_of(run.bundle.val).numpy())
-    m["onnx_agreement"] = validate.agreement(preds, dense_preds)
+    # agreement of model.onnx with dense.onnx (always; without labels it is the accuracy that counts).
+    # A language model's rows are its real tokens, its accuracy next-token top-1, plus perplexity.
+    task = run.bundle.task
+    ours, dense = (validate.onnx_outputs(out / name, run.bundle.val, task) for name in ("model.onnx", "dense.onnx"))
+    m["onnx_agreement"] = validate.agreement(ours.pred, dense.pred)
     if run.bundle.labeled:
-        m["onnx_accuracy"] = validate.agreement(preds, labels)
-        m["dense_onnx_accuracy"] = validate.agreement(dense_preds, labels)
+        m["onnx_accuracy"] = validate.agreement(ours.pred, ours.target)
+        m["dense_onnx_accuracy"] = validate.agreement(dense.pred, dense.target)
+    if task == tasks.NEXT_TOKEN:
+        m["perplexity"] = {"dense": dense.perplexity, "onnx": ours.perplexity, "tokens": len(ours.target)}
     sample = run.bundle.example(1)[0].numpy()  # MACs are counted on a real sample (ticketforge.macs)
     m["dense"], m["compressed"] = (validate.onnx_stats(out / "dense.onnx", sample),
                                    validate.onnx_stats(out / "model.onnx", sample))

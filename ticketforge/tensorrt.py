@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ticketforge import structures, validate
+from ticketforge import structures, tasks, validate
 from ticketforge.data import loader
 from ticketforge.errors import UserError
 from ticketforge.sparse_storage import load_dense
@@ -160,9 +160,9 @@ def build_and_validate(folder: Path, recipe, bundle, ui) -> tuple[dict, list]:
     correct = total = 0
     with torch.no_grad():
         for x, y in loader(bundle.val, min(256, cfg.trt_batch[2])):
-            pred = engine(x).argmax(1).cpu()
-            correct += int((pred == y).sum())
-            total += len(y)
+            right, n = tasks.correct(bundle.task, engine(x).cpu(), x, y)
+            correct += right
+            total += n
     info["accuracy"] = correct / max(total, 1)
     rows = []
     v = recipe.validate

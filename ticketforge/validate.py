@@ -2,6 +2,7 @@
 the dense export, and the sparsity, parameters and MACs read back from the ONNX files."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from onnx import numpy_helper
 from torch.utils.data import Dataset
 
-from ticketforge import latency as latency_mod
+from ticketforge import latency as latency_mod, tasks
 from ticketforge.adapt import inputs
 from ticketforge.data import loader
 from ticketforge.errors import VerificationError
@@ -43,10 +44,46 @@ def feed(path: str | Path, x) -> dict[str, np.ndarray]:
     return inputs([i.name for i in graph.input if i.name not in weights], x)
 
 
-def onnx_predictions(path: str | Path, ds: Dataset, batch_size: int = 256) -> np.ndarray:
-    """Top-1 class of the ONNX model at `path` for every sample of `ds`, in order."""
+@dataclass
+class Outputs:
+    """One pass of an ONNX model over a split: the top-1 and the target of every row that counts
+    (a sample; a real token of a sequence task, ticketforge.tasks) and the summed negative
+    log-likelihood of the targets (nats)."""
+
+    pred: np.ndarray
+    target: np.ndarray
+    nll: float
+
+    @property
+    def perplexity(self) -> float:
+        return tasks.perplexity(self.nll, len(self.target))
+
+
+def _rows_per_batch(task: str, ds: Dataset) -> int:
+    """Samples per ONNX call: a sequence task's logits are (batch, seq, vocab), so a batch of 256
+    GPT-2 sequences of 128 tokens would hold 6.6 GB of them."""
+    if not tasks.sequence(task):
+        return 256
+    return max(1, min(256, 2 ** 16 // max(1, ds[0][0].shape[-1])))
+
+
+def onnx_outputs(path: str | Path, ds: Dataset, task: str = tasks.CLASSIFY, batch_size: int | None = None) -> Outputs:
     sess = session(path)
-    return np.concatenate([run(sess, x).argmax(1) for x, _ in loader(ds, batch_size)])
+    preds, targets, nll = [], [], 0.0
+    for x, y in loader(ds, batch_size or _rows_per_batch(task, ds)):
+        out, target = tasks.numpy_rows(task, run(sess, x), x, y)
+        logp = torch.log_softmax(torch.from_numpy(out).double(), -1)
+        if len(target) and (target >= 0).all():  # labels from data without any are the dense model's top-1
+            nll -= float(logp.gather(1, torch.from_numpy(target).long()[:, None]).sum())
+        preds.append(out.argmax(-1))
+        targets.append(target)
+    return Outputs(np.concatenate(preds), np.concatenate(targets), nll)
+
+
+def onnx_predictions(path: str | Path, ds: Dataset, batch_size: int | None = None, task: str = tasks.CLASSIFY) -> np.ndarray:
+    """Top-1 of the ONNX model at `path` for every sample of `ds` (every counted token of a sequence
+    task), in order."""
+    return onnx_outputs(path, ds, task, batch_size).pred
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
@@ -54,10 +91,9 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float((np.asarray(a) == np.asarray(b)).mean()) if len(a) else 0.0
 
 
-def onnx_accuracy(path: str | Path, ds: Dataset, batch_size: int = 256) -> float:
-    from ticketforge.data import labels_of
-
-    return agreement(onnx_predictions(path, ds, batch_size), labels_of(ds).numpy())
+def onnx_accuracy(path: str | Path, ds: Dataset, batch_size: int | None = None, task: str = tasks.CLASSIFY) -> float:
+    out = onnx_outputs(path, ds, task, batch_size)
+    return agreement(out.pred, out.target)
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ CTS_KEYS = ("epochs", "steps", "min_steps", "lr", "batch_size", "objective", "te
             "stop_overlap", "stop_window", "check_every")
 CTS_WEIGHT_KEYS = CTS_KEYS + ("stages", "stage_epochs", "min_per_output", "checkpoint")  # `cts` only (search/cts.py)
 ALL_STARTS = ("trained", "rewind", "init")
+CALIBRATION_KEYS = ("calibration_samples", "batch_size")  # one-shot methods' calibration data (search/calibration.py)
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class Method:
     (`search.method`, `convert.structure`)."""
 
     name: str
-    target: str                    # "module:function" under ticketforge.search: the weight-level search
+    target: str                    # "module:function" under ticketforge.search: the weight-level search; "": none
     keys: tuple[str, ...] = ()     # `search` keys it reads beyond COMMON_KEYS and the budget
     starts: tuple[str, ...] = ALL_STARTS  # search.start values it honours
     summary: str = ""
@@ -75,6 +76,16 @@ for _m in (
     Method("cts", "cts:cts", CTS_WEIGHT_KEYS, summary="Concrete Ticket Search; of a structure's units: one gate each",
            units=("weights", "channels", "blocks"), scorer="cts:score_units", unit_keys=CTS_KEYS, gates=True),
     Method("imp", "imp:imp", ("epochs", "steps", "prune_fraction"), summary="iterative magnitude pruning"),
+    Method("wanda", "wanda:wanda", CALIBRATION_KEYS, summary="Wanda, |w| x input norm on calibration data, per "
+           "output (Sun et al. 2023); of N:M groups: the same score", size_stand_in="lamp", units=("weights",),
+           scorer="wanda:score_units", unit_keys=CALIBRATION_KEYS),
+    Method("sparsegpt", "sparsegpt:sparsegpt", CALIBRATION_KEYS, starts=("trained",), summary="SparseGPT, layer-wise "
+           "OBS with the kept weights updated, on calibration data (Frantar & Alistarh 2023); of N:M groups: the "
+           "same, N of M chosen block by block", size_stand_in="lamp", units=("weights",),
+           scorer="sparsegpt:score_units", unit_keys=CALIBRATION_KEYS),
+    Method("similarity", "", starts=("trained",), summary="residual blocks by Block Influence, 1 - cos(input, "
+           "output) on calibration data (ShortGPT, Men et al. 2024); blocks only", units=("blocks",),
+           scorer="similarity:score_units", unit_keys=CALIBRATION_KEYS),
 ):
     METHODS.add(_m.name, _m)
 

@@ -9,6 +9,7 @@ import copy
 import torch
 from torch import nn
 
+from ticketforge import tasks
 from ticketforge.masks import global_topk, keep_count, prunable
 from ticketforge.search.base import SearchContext, SearchResult
 from ticketforge.search.cts import bn_batch_stats
@@ -44,6 +45,12 @@ def random_pruning(ctx: SearchContext) -> SearchResult:
     return _finish(ctx, start, scores, "random")
 
 
+def _cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The task's loss (per counted token for a language model: ticketforge.tasks)."""
+    out, targets, _ = tasks.rows(tasks.of(model), model(x) / temperature, x, y)
+    return nn.functional.cross_entropy(out, targets)
+
+
 def snip(ctx: SearchContext) -> SearchResult:
     """SNIP (Lee et al. 2019): connection sensitivity |w * dL/dw|, summed over a few mini-batches."""
     start = starting_point(ctx)
@@ -53,7 +60,7 @@ def snip(ctx: SearchContext) -> SearchResult:
     # Batch statistics, as in training: running statistics of a model at init are meaningless.
     with bn_batch_stats(model):
         for x, y in _batches(ctx):
-            loss = nn.functional.cross_entropy(model(x), y)
+            loss = _cross_entropy(model, x, y)
             for k, g in zip(weights, torch.autograd.grad(loss, list(weights.values()))):
                 grads[k] += g
     scores = {k: (w.detach() * grads[k]).abs() for k, w in weights.items()}
@@ -70,12 +77,12 @@ def grasp(ctx: SearchContext) -> SearchResult:
     with bn_batch_stats(model):
         g = [torch.zeros_like(w) for w in params]
         for x, y in _batches(ctx):
-            loss = nn.functional.cross_entropy(model(x) / GRASP_TEMPERATURE, y)
+            loss = _cross_entropy(model, x, y, GRASP_TEMPERATURE)
             for acc, gi in zip(g, torch.autograd.grad(loss, params)):
                 acc += gi
         hg = [torch.zeros_like(w) for w in params]
         for x, y in _batches(ctx):
-            loss = nn.functional.cross_entropy(model(x) / GRASP_TEMPERATURE, y)
+            loss = _cross_entropy(model, x, y, GRASP_TEMPERATURE)
             gf = torch.autograd.grad(loss, params, create_graph=True)
             z = sum((gi * gfi).sum() for gi, gfi in zip(g, gf))  # g^T (dL/dw), its gradient is H g
             for acc, h in zip(hg, torch.autograd.grad(z, params)):

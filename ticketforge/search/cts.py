@@ -26,7 +26,7 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
-from ticketforge import device as device_mod
+from ticketforge import device as device_mod, tasks
 from ticketforge.errors import UserError
 from ticketforge.masks import Mask, global_topk, keep_count, prunable, topk_masks
 from ticketforge.search.base import SearchContext, SearchResult, Units
@@ -469,6 +469,7 @@ def concrete_search(ctx: SearchContext, logits: dict[str, torch.Tensor], costs: 
     total = search_steps(ctx, len(data))
     stop = StopRule.from_recipe(cfg, keep, len(data)) if keep is not None else None
     prec = search_precision(device)
+    task = tasks.of(model)
 
     gates = _WeightGates(model, names, cfg.checkpoint) if overrides is None else None
 
@@ -484,6 +485,7 @@ def concrete_search(ctx: SearchContext, logits: dict[str, torch.Tensor], costs: 
                 student = gates.student(soft, x)
             else:  # the masks are read from the Draw one by one, as `overrides` uses them
                 student = functional_call(model, dict(overrides(_Named(names, soft))), (x,), strict=False)
+        student, y, teacher = tasks.rows(task, student, x, y, teacher)  # per token for a language model
         return objective(cfg.objective, student, teacher, y)
 
     try:

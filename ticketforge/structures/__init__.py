@@ -67,7 +67,7 @@ class Structure:
         from ticketforge import budget
         from ticketforge.search import METHODS
 
-        if not self.accepts(METHODS.get(recipe.search.method)):
+        if not self.searched_by(METHODS.get(recipe.search.method)):
             raise UserError(f"recipe: convert.structure '{self.name}' is searched by the methods "
                             f"{', '.join(self.methods())}; got search.method '{recipe.search.method}'")
         budget.check(recipe, self.choosable())
@@ -81,10 +81,15 @@ class Structure:
         """Whether `method` (a ticketforge.search.Method) can search this structure."""
         return self.scores_units(method)
 
+    def searched_by(self, method) -> bool:
+        """accepts(method), and the method has what this structure then runs: a score of its units, or
+        a weight-level search (a method without one, Method.target "", only scores units)."""
+        return self.accepts(method) and (self.scores_units(method) or bool(method.target))
+
     def methods(self) -> list[str]:
         from ticketforge.search import METHODS
 
-        return [name for name, m in METHODS.items() if self.accepts(m)]
+        return [name for name, m in METHODS.items() if self.searched_by(m)]
 
     def method_keys(self, method) -> tuple[str, ...]:
         """The `search` keys `method` reads when it searches this structure."""

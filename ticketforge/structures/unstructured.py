@@ -13,6 +13,7 @@ class Unstructured(Structure):
     summary = "scattered zeros (smaller when compressed, not faster on dense kernels)"
     budget_keys = ("sparsity", "max_size_mb")
     sweep_key = "sparsity"
+    convert_keys = ("prune_lm_head",)
 
     def accepts(self, method) -> bool:
         return True  # every method has a weight-level search

@@ -48,7 +48,7 @@ GATE = "gate"  # the buffer a gated block scales its branches by
 # Weights that make a block worth removing: while any of them is left, a branch is.
 BRANCH_TYPES = PRUNABLE_TYPES + (nn.Embedding,)
 CONSTANTS = (type(None), bool, int, float, str, torch.dtype, torch.device)
-MAX_TENSOR_INPUTS = 3
+MAX_TENSOR_INPUTS = 5
 
 
 # ---------------------------------------------------------------- how a block is called
@@ -59,9 +59,10 @@ def _constant(v) -> bool:
 
 def call_of(module: nn.Module, args: tuple, kwargs: dict) -> dict | None:
     """How `module` was called, as plain data: {"params": forward's parameter names in order,
-    "tensors": the names of the tensor arguments (the residual stream first), "consts": the other
-    arguments by name}. None when it cannot be traced that way (no tensor first, a tensor inside a
-    container, an argument that is not plain data, *args)."""
+    "tensors": the names of the tensor arguments (the residual stream first; `name.i` is element i
+    of a tuple of tensors, e.g. Llama's rotary `position_embeddings` (cos, sin)), "consts": the
+    other arguments by name}. None when it cannot be traced that way (no tensor first, a tensor
+    inside another container, an argument that is not plain data, *args)."""
     try:
         sig = inspect.signature(module.forward)
         bound = sig.bind(*args, **kwargs)
@@ -79,6 +80,8 @@ def call_of(module: nn.Module, args: tuple, kwargs: dict) -> dict | None:
         for k, v in items:
             if isinstance(v, torch.Tensor):
                 tensors.append(k)
+            elif isinstance(v, tuple) and v and all(isinstance(t, torch.Tensor) for t in v):
+                tensors += [f"{k}.{i}" for i in range(len(v))]
             elif _constant(v):
                 consts[k] = v
             else:
@@ -124,7 +127,7 @@ class _Bound(nn.Module):
         self.block, self.call = block, call
 
     def invoke(self, *tensors):
-        return self.block(**self.call["consts"], **dict(zip(self.call["tensors"], tensors)))
+        return self.block(**self.call["consts"], **_arguments(self.call["tensors"], tensors))
 
 
 class _Bound1(_Bound):
@@ -142,7 +145,37 @@ class _Bound3(_Bound):
         return self.invoke(x, a, b)
 
 
-_BOUND = {1: _Bound1, 2: _Bound2, 3: _Bound3}
+class _Bound4(_Bound):
+    def forward(self, x, a, b, c):
+        return self.invoke(x, a, b, c)
+
+
+class _Bound5(_Bound):
+    def forward(self, x, a, b, c, d):
+        return self.invoke(x, a, b, c, d)
+
+
+_BOUND = {1: _Bound1, 2: _Bound2, 3: _Bound3, 4: _Bound4, 5: _Bound5}
+
+
+def _arguments(names: list[str], tensors) -> dict:
+    """Keyword arguments from the tensors named as `call_of` names them (tuples reassembled)."""
+    out, parts = {}, {}
+    for name, t in zip(names, tensors):
+        base, _, i = name.partition(".")
+        if i:
+            parts.setdefault(base, {})[int(i)] = t
+        else:
+            out[name] = t
+    out.update({base: tuple(p[i] for i in sorted(p)) for base, p in parts.items()})
+    return out
+
+
+def _leaf(m: nn.Module) -> bool:
+    """torch.fx's leaves (torch.nn's own layers), and any Conv or Linear whatever its class (GPT-2's
+    Conv1D loaded as a Linear subclass, ticketforge.hf): traced into, its weights would look like
+    an op of the residual stream instead of a branch."""
+    return fx.Tracer().is_leaf_module(m, "") or isinstance(m, PRUNABLE_TYPES)
 
 
 class _Tracer(fx.Tracer):
@@ -153,7 +186,7 @@ class _Tracer(fx.Tracer):
         self.opaque = opaque
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return id(m) in self.opaque or super().is_leaf_module(m, qualname)
+        return id(m) in self.opaque or _leaf(m)
 
 
 class Tracing:
@@ -173,9 +206,8 @@ class Tracing:
     def subtree(self, name: str) -> dict[str, dict]:
         """The recorded calls of `name` and its submodules that are traced (torch.nn's own layers
         are not), by name relative to it ("" itself)."""
-        leaf = fx.Tracer().is_leaf_module
         return {n[len(name):].lstrip("."): c for n, c in self.calls.items()
-                if (n == name or n.startswith(name + ".")) and not leaf(self.model.get_submodule(n), n)}
+                if (n == name or n.startswith(name + ".")) and not _leaf(self.model.get_submodule(n))}
 
     def _decide(self, module: nn.Module) -> None:
         if id(module) in self.decided:
@@ -183,7 +215,7 @@ class Tracing:
         for child in module.children():
             self._decide(child)
         self.decided.add(id(module))
-        if fx.Tracer().is_leaf_module(module, "") or \
+        if _leaf(module) or \
                 self._trace(module, self.call(self.names.get(id(module), ""), module)) is None:
             self.opaque.add(id(module))
 
@@ -344,7 +376,27 @@ class RemovedBlock(nn.Module):
 
     def forward(self, *args, **kwargs):
         given = {**dict(zip(self.params, args)), **kwargs}
-        return self.rest(*(given.get(n) for n in self.tensors))
+        return self.rest(*(_pick(given, n) for n in self.tensors))
+
+
+def passes_input(module: nn.Module) -> bool:
+    """A removed block that computes the identity (a pre-norm transformer layer: nothing of it is
+    left), so a layer list may drop it; a post-norm block keeps its norms and may not."""
+    if not isinstance(module, RemovedBlock) or any(True for _ in module.rest.parameters()):
+        return False
+    graph = getattr(module.rest, "graph", None)
+    if graph is None:
+        return False
+    first = next((n for n in graph.nodes if n.op == "placeholder"), None)
+    out = next(n for n in graph.nodes if n.op == "output")
+    return first is not None and out.args[0] is first
+
+
+def _pick(given: dict, name: str):
+    """The argument `call_of` named `name` (`name.i`: element i of a tuple) from a call's arguments."""
+    base, _, i = name.partition(".")
+    value = given.get(base)
+    return value[int(i)] if i and value is not None else value
 
 
 def removed_version(module: nn.Module, tracing: Tracing | None = None, name: str = "") -> RemovedBlock | None:

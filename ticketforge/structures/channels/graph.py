@@ -111,7 +111,7 @@ def _probe(model: nn.Module, example: torch.Tensor, root: str, expected_shape) -
     forward pass (e.g. a reshape into attention heads) is left whole. Returns why, or None."""
     trial = copy.deepcopy(model)
     try:
-        dg = tp.DependencyGraph().build_dependency(trial, example_inputs=example, verbose=False)
+        dg = dependency_graph(trial, example)
         mod = dict(trial.named_modules())[root]
         fn = tp.prune_linear_out_channels if isinstance(mod, nn.Linear) else tp.prune_conv_out_channels
         dg.get_pruning_group(mod, fn, idxs=[0]).prune()
@@ -122,6 +122,14 @@ def _probe(model: nn.Module, example: torch.Tensor, root: str, expected_shape) -
     if tuple(out.shape) != tuple(expected_shape):
         return f"output shape changed to {tuple(out.shape)}"
     return None
+
+
+def dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning's graph of `model`, each attention layer that holds its own output projection
+    one node of it (heads.py removes its heads)."""
+    with heads.opaque(model) as pruners:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
+                                                     customized_pruners=pruners)
 
 
 # Plans found earlier, per model object: the search, the step before fine-tuning and the conversion
@@ -155,7 +163,7 @@ def _discover(model: nn.Module, example: torch.Tensor) -> ChannelPlan:
         expected = tuple(model(example).shape)
     names = {m: n for n, m in model.named_modules()}
     with torch.enable_grad():
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        dg = dependency_graph(model, example)
         ignored = [m for n, m in model.named_modules() if n in final]
         # Attention projections go a whole head at a time (heads.py), never a channel at a time.
         groups, skipped, projections = heads.groups(model, dg, names)

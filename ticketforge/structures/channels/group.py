@@ -12,6 +12,7 @@ class Member:
                        # "norm", "param": a per-unit table (its last dimension; ticketforge.structures.channels.heads)
     idx: list[int]     # indices along the pruned dimension of this module
     root: list[int]    # the group unit each index belongs to
+    part: str = ""     # which part of a fused projection these rows are (GPT-2's c_attn: "q", "k", "v")
 
 
 @dataclass
@@ -20,7 +21,8 @@ class ChannelGroup:
     size: int          # units in the group: channels, or attention heads
     members: list[Member]
     unit: int = 1      # channels per unit (a head's width)
-    gate: tuple[str, ...] = ()  # modules whose rows a CTS gate scales (default: the norms, else the producers)
+    gate: tuple[str, ...] = ()  # modules ("module", or "module:part") whose rows a CTS gate scales
+                                # (default: the norms, else the producers)
     kind: str = "channels"      # or "heads"
 
     def of(self, kind: str) -> list[Member]:
@@ -28,5 +30,5 @@ class ChannelGroup:
 
     def gated(self) -> list[Member]:
         if self.gate:
-            return [m for m in self.members if m.module in self.gate]
+            return [m for m in self.members if (f"{m.module}:{m.part}" if m.part else m.module) in self.gate]
         return self.of("norm") or self.of("out")

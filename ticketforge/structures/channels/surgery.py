@@ -14,7 +14,7 @@ from torch import nn
 from ticketforge.macs import forward_with_hooks
 from ticketforge.masks import Mask
 from ticketforge.structures.channels import heads
-from ticketforge.structures.channels.graph import ChannelGroup, ChannelPlan, _grouped
+from ticketforge.structures.channels.graph import ChannelGroup, ChannelPlan, _grouped, dependency_graph
 
 def in_columns(mod: nn.Module, channels: list[int]) -> list[int]:
     """The weight columns that read these input channels: a grouped conv's weight holds each conv
@@ -127,7 +127,7 @@ def shrink(model: nn.Module, plan: ChannelPlan, keep: list[torch.Tensor], exampl
     model = copy.deepcopy(model).eval()
     example = example.to(next(model.parameters()).device)
     with torch.enable_grad():
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        dg = dependency_graph(model, example)
         mods = dict(model.named_modules())
         for g, kept in zip(plan.groups, keep):
             if g.kind == "heads":

@@ -18,7 +18,7 @@ class NM(Structure):
     units = "weights"
     budget_keys = ("sparsity", "max_size_mb")
     fixed_keys = ("sparsity",)  # fixed at 1 - N/M; accepted so that recipes may say so
-    convert_keys = ("nm_decay",)
+    convert_keys = ("nm_decay", "prune_lm_head")
     sparse_kernels = True
     runtime_note = ("2:4 zeros make no CPU runtime faster (measured 0.98-1.04x); the speed-up needs sparse tensor "
                     "cores: TensorRT >= 8 with SPARSE_WEIGHTS (trtexec --sparsity=enable) on Ampere or newer")
@@ -74,7 +74,12 @@ class NM(Structure):
             notes.append(f"{p}: {len(state['ineligible'])} layer(s) left dense, not eligible "
                          f"(out % {p.out_multiple}, in % {max(p.in_multiple, p.m)}): "
                          f"{', '.join(state['ineligible'])}")
-        return Converted(model=model, mask=mask, info={"structure": self.name, **state, "notes": notes})
+        whole = pattern.whole_layers(model)
+        if whole:
+            notes.append(f"{p}: a language model's head left dense: {', '.join(whole)} (convert.prune_lm_head; "
+                         "a head tied to the input embedding is never pruned)")
+        return Converted(model=model, mask=mask, info={"structure": self.name, **state, "notes": notes,
+                                                       **({"whole_layers": whole} if whole else {})})
 
     def verify(self, onnx_path, dense_onnx_path, converted, recipe):
         from ticketforge.structures.nm import pattern

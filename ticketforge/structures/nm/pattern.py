@@ -5,9 +5,13 @@ takes the pattern (`Pattern`, 2:4 unless told).
 The pattern runs along the reduction dimension: a Linear weight (out, in) in groups of M along
 in; a Conv weight (K, C, R, S) in groups of M along C for each (k, r, s). A layer qualifies by
 apex ASP's rule for 2:4, K % 8 == 0 and C % 16 == 0, with C the input channels per group (so a
-depthwise conv, C = 1, never does); a wider pattern also needs C to be a multiple of its M."""
+depthwise conv, C = 1, never does); a wider pattern also needs C to be a multiple of its M.
+
+A language model's head is no prunable weight (ticketforge.masks) and stays dense: the read-back
+knows it by its values (`whole_layers`), as the exported file names layers its own way."""
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -18,7 +22,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from ticketforge.errors import VerificationError
-from ticketforge.masks import Mask, prunable
+from ticketforge.masks import PRUNABLE_TYPES, Mask, prunable
 from ticketforge.sparse_storage import load_dense
 from ticketforge.structures.nm.layout import TWO_FOUR, Pattern
 
@@ -32,6 +36,18 @@ def ineligible_reason(shape: tuple[int, ...], pat: Pattern = TWO_FOUR) -> str | 
     why = ([f"out {k} is not a multiple of {pat.out_multiple}"] if k % pat.out_multiple else []) + \
           ([f"in {c} (per group) is not a multiple of {cin}"] if c % cin else [])
     return "; ".join(why) or None
+
+
+def fingerprint(w: np.ndarray) -> str:
+    """A weight's values (float32, (out, in, *kernel) layout) as a short digest."""
+    return hashlib.sha256(np.ascontiguousarray(w, dtype=np.float32).tobytes()).hexdigest()[:16]
+
+
+def whole_layers(model: nn.Module) -> dict[str, str]:
+    """name -> fingerprint of every Conv/Linear weight no mask covers (a language model's head)."""
+    weights = {id(w) for w in prunable(model).values()}
+    return {f"{n}.weight": fingerprint(m.weight.detach().float().cpu().numpy()) for n, m in model.named_modules()
+            if isinstance(m, PRUNABLE_TYPES) and m.weight.dim() >= 2 and id(m.weight) not in weights}
 
 
 def split_layers(model: nn.Module, pat: Pattern = TWO_FOUR) -> tuple[list[str], dict[str, str]]:
@@ -129,11 +145,12 @@ def onnx_weights(path: str | Path) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def onnx_groups(path: str | Path, pat: Pattern = TWO_FOUR) -> dict:
-    """How many weight groups of eligible layers in an ONNX file satisfy the pattern."""
+def onnx_groups(path: str | Path, pat: Pattern = TWO_FOUR, whole: set[str] = frozenset()) -> dict:
+    """How many weight groups of eligible layers in an ONNX file satisfy the pattern; the weights
+    whose fingerprint is in `whole` (`whole_layers`: left dense on purpose) are not counted."""
     groups = bad = layers = 0
     for _, w in onnx_weights(path):
-        if ineligible_reason(w.shape, pat) is not None:
+        if ineligible_reason(w.shape, pat) is not None or (whole and fingerprint(w) in whole):
             continue
         g = np.moveaxis(w, 1, -1).reshape(-1, pat.m)
         layers += 1
@@ -158,7 +175,7 @@ def pgf_scale(progress: float) -> float:
 def read_back(onnx_path: str | Path, converted: dict, decay: str, pat: Pattern = TWO_FOUR) -> dict:
     """The report's section for the pattern: the converter's view of the torch model next to what
     the exported file holds. The export must keep every eligible group N:M."""
-    back = onnx_groups(onnx_path, pat)
+    back = onnx_groups(onnx_path, pat, set(converted.get("whole_layers", {}).values()))
     if back["bad"] or not back["groups"]:
         raise VerificationError(f"{Path(onnx_path).name}: {back['bad']} of {back['groups']} weight groups in "
                                 f"eligible layers are not {pat}")
