@@ -1,8 +1,6 @@
 """What the CTS search holds in memory (issue 21, docs/memory.md): live bytes counted by torch's
 profiler and by weak references, not by the process's resident set; and that the memory-lean
 forward computes exactly what substituting the masked weights computed."""
-import dataclasses
-import math
 
 import pytest
 import torch
