@@ -103,11 +103,12 @@ def test_layers_recipe_removes_blocks_from_the_onnx_graph(tmp_path):
     assert report["params"]["compressed"] < report["params"]["dense"]
     assert report["macs"]["compressed"] < report["macs"]["dense"]
     removed = report["search"]["removed"]
-    assert len(removed) == 2 and list(report["convert"]["removed_blocks"]) == removed
+    # the same blocks (the search lists them by score, convert in the model's order)
+    assert len(removed) == 2 and sorted(report["convert"]["removed_blocks"]) == sorted(removed)
     assert report["latency"] and report["parity"] < 1e-3
     # ticket.pt rebuilds: a fresh model, the same blocks removed, then the weights
     ticket = torch.load(tmp_path / "out" / "ticket.pt", weights_only=True)
-    assert [(c["structure"], c["spec"]["removed_blocks"]) for c in ticket["structures"]] == [("blocks", removed)]
+    assert [(c["structure"], sorted(c["spec"]["removed_blocks"])) for c in ticket["structures"]] == [("blocks", sorted(removed))]
     assert set(ticket["structures"][0]["spec"]["calls"]) >= set(removed)  # how each block was called: it rebuilds
     model = remove_blocks(build(arch, TINY[arch]), ticket["structures"][0]["spec"]["removed_blocks"])
     model.load_state_dict(ticket["state_dict"])
