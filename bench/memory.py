@@ -8,9 +8,11 @@ Models (random init, configs written out as the hub's bert-base-uncased and gpt2
   gpt2        GPT2ForSequenceClassification, 10 classes: 124.4M params. GPT-2's body is the same
               as GPT2LMHeadModel's; its Conv1D layers are swapped for the equivalent nn.Linear
               (ticketforge prunes Conv and Linear weights), so the search sees 84.9M prunable
-              weights. Sequence-classification logits stand in for (batch, seq, vocab) ones until
-              the per-token objectives land.
-Data: random token ids, sequence length --seq with an attention mask (half to all of it real).
+              weights: the body without the vocabulary-sized output.
+  gpt2-lm     GPT2LMHeadModel (gpt2 itself): 124.4M params, next-token logits (batch, seq, 50257) scored
+              per token; the head is tied to the token embedding and not pruned (docs/language-models.md).
+Data: random token ids, sequence length --seq with an attention mask (half to all of it real); a
+class per sequence for the classifiers, none for gpt2-lm (its targets are the next tokens).
 
 Each model x step runs in its own child process, through the library's own functions:
   search    ticketforge.search.cts.cts, recipe `cts` (90% unstructured), --search-steps steps at
@@ -44,7 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-MODELS = ("bert-base", "gpt2")
+MODELS = ("bert-base", "gpt2", "gpt2-lm")
 STEPS = ("search", "finetune", "export")
 GIB = 2 ** 30
 
@@ -52,6 +54,8 @@ GIB = 2 ** 30
 def build(name: str):
     import torch
     import transformers as T
+
+    from ticketforge import hf
 
     torch.manual_seed(0)
     if name == "bert-base":  # bert-base-uncased's config.json
@@ -65,28 +69,20 @@ def build(name: str):
                            activation_function="gelu_new", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
                            layer_norm_epsilon=1e-5, initializer_range=0.02, bos_token_id=50256,
                            eos_token_id=50256, pad_token_id=50256, num_labels=10)
-        return conv1d_to_linear(T.GPT2ForSequenceClassification(cfg))
+        return hf.linear_layers(T.GPT2ForSequenceClassification(cfg))
+    if name == "gpt2-lm":  # gpt2 itself: the causal LM, next-token logits over 50257 tokens, tied head
+        cfg = T.GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                           activation_function="gelu_new", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
+                           layer_norm_epsilon=1e-5, initializer_range=0.02, bos_token_id=50256,
+                           eos_token_id=50256, use_cache=False)
+        return hf.linear_layers(T.GPT2LMHeadModel(cfg))
     raise SystemExit(f"unknown model {name}")
 
 
-def conv1d_to_linear(model):
-    """GPT-2's Conv1D (y = x W + b, W stored in x out) as nn.Linear (W transposed): the same function."""
-    import torch
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
 
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, Conv1D):
-            lin = nn.Linear(mod.weight.shape[0], mod.weight.shape[1])
-            with torch.no_grad():
-                lin.weight.copy_(mod.weight.t())
-                lin.bias.copy_(mod.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, lin)
-    return model
-
-
-def tokens(path: Path, n: int, n_val: int, length: int, vocab: int) -> Path:
+def tokens(path: Path, n: int, n_val: int, length: int, vocab: int, labels: bool = True) -> Path:
+    """Random token ids with an attention mask; with `labels`, a class per sequence (a language
+    model's data has none: the next token is its target)."""
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -99,7 +95,10 @@ def tokens(path: Path, n: int, n_val: int, length: int, vocab: int) -> Path:
 
     x, y, m = split(n)
     xv, yv, mv = split(n_val)
-    np.savez(path, x=x, y=y, attention_mask=m, x_val=xv, y_val=yv, attention_mask_val=mv)
+    arrays = dict(x=x, attention_mask=m, x_val=xv, attention_mask_val=mv)
+    if labels:
+        arrays.update(y=y, y_val=yv)
+    np.savez(path, **arrays)
     return path
 
 
@@ -120,7 +119,7 @@ def child(a) -> dict:
     from ticketforge import adapt, device as device_mod, finetune, recipe as recipes
 
     device_mod.return_freed_memory()  # as ticketforge compress does
-    from ticketforge.data import load_data
+    from ticketforge.data import check_against_model, load_data
     from ticketforge.loading import LoadedModel
     from ticketforge.masks import global_topk, keep_count, prunable
     from ticketforge.search.base import SearchContext
@@ -131,8 +130,11 @@ def child(a) -> dict:
     steps = a.search_steps if a.step == "search" else a.finetune_steps
     with tempfile.TemporaryDirectory(prefix="tf-mem-") as tmp:
         tmp = Path(tmp)
-        bundle = load_data(str(tokens(tmp / "tokens.npz", a.batch * steps, a.batch, a.seq, model.config.vocab_size)))
+        lm = a.model.endswith("-lm")
+        bundle = load_data(str(tokens(tmp / "tokens.npz", a.batch * steps, a.batch, a.seq, model.config.vocab_size,
+                                      labels=not lm)))
         io = adapt.fit(model, bundle.inputs, bundle.example(2))
+        check_against_model(bundle, model, model.config.architectures)  # the task, as the pipeline decides it
         recipe = recipes.resolve("cts", [f"search.steps={a.search_steps}", f"search.batch_size={a.batch}",
                                          f"finetune.batch_size={a.batch}", "finetune.epochs=1",
                                          f"search.checkpoint={str(a.checkpoint).lower()}"])

@@ -194,6 +194,38 @@ def test_checkpointed_search_finds_the_same_ticket():
     assert all(torch.equal(plain.mask[n], kept.mask[n]) for n in plain.mask)
 
 
+def test_checkpointed_search_runs_a_transformers_model_whose_kv_cache_is_on(tmp_path):
+    """A GPT-2 handed over through the Python API with use_cache on (the loader turns it off): a
+    checkpointed layer's recomputation would append its keys to the cache a second time, and the
+    attention mask would no longer fit them. The search turns the cache off while it runs and gives
+    the setting back."""
+    pytest.importorskip("transformers")
+    import numpy as np
+    import transformers as T
+
+    from ticketforge import adapt, hf
+    from ticketforge.data import check_against_model, load_data
+
+    torch.manual_seed(0)
+    model = hf.linear_layers(T.GPT2LMHeadModel(T.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2,
+                                                               n_head=2, bos_token_id=0, eos_token_id=0,
+                                                               use_cache=True))).eval()
+    rng = np.random.default_rng(0)
+    mask = np.ones((24, 8), np.int64)
+    mask[::2, 5:] = 0
+    np.savez(tmp_path / "tokens.npz", x=rng.integers(0, 50, (16, 8)), attention_mask=mask[:16],
+             x_val=rng.integers(0, 50, (8, 8)), attention_mask_val=mask[16:])
+    bundle = load_data(str(tmp_path / "tokens.npz"))
+    io = adapt.fit(model, bundle.inputs, bundle.example(2))
+    check_against_model(bundle, model)
+    recipe = recipes.resolve("cts", ["search.batch_size=8", "search.steps=2", "search.sparsity=0.5",
+                                     "search.checkpoint=true"])
+    found = cts(SearchContext(model=model, loaded=LoadedModel(model=model, kind="hf", io=io), data=bundle,
+                              recipe=recipe, device=torch.device("cpu")))
+    assert 0.45 < found.mask.sparsity < 0.55
+    assert model.config.use_cache is True
+
+
 def test_checkpoint_is_a_cts_weight_search_key():
     from ticketforge.errors import UserError
 
@@ -225,3 +257,32 @@ def test_planted_ticket_is_found_through_the_weight_gates():
     found = cts(ctx)
     hit = float((found.mask["0.weight"] & planted).sum()) / keep
     assert found.mask.kept == keep and hit > 0.8, hit
+
+
+@pytest.mark.parametrize("name", ["reverse_kl", "forward_kl", "ce"])
+def test_a_vocabulary_sized_objective_is_taken_in_chunks_with_the_same_value_and_gradient(name, monkeypatch):
+    """A language model's per-token objective over its whole vocabulary: chunked and recomputed in
+    the backward pass, it holds about one logits-sized tensor (the gradient) instead of five."""
+    from ticketforge.search import cts as cts_mod
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(256, 4096, generator=g), torch.randn(256, 4096, generator=g)
+    labels = torch.randint(0, 4096, (256,), generator=g)
+    logits_bytes = student.numel() * 4
+    results = {}
+    for chunk in (1 << 30, 1 << 15):
+        monkeypatch.setattr(cts_mod, "OBJECTIVE_CHUNK", chunk)
+        s = student.clone().requires_grad_()
+
+        def step():
+            loss = cts_mod.objective(name, s, teacher, labels)
+            loss.backward()
+            return loss.detach()
+
+        loss, peak = peak_live_bytes(step)
+        results[chunk] = (loss, s.grad, peak / logits_bytes)
+    (whole, g_whole, peak_whole), (chunked, g_chunked, peak_chunked) = results.values()
+    assert torch.allclose(whole, chunked, rtol=1e-5)
+    assert torch.allclose(g_whole, g_chunked, rtol=1e-4, atol=1e-9)
+    assert peak_chunked < 1.3
+    assert peak_whole > 1.9  # the unchunked form holds at least the softmax beside the gradient

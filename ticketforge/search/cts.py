@@ -124,8 +124,15 @@ class _WeightGates:
         self.made: dict[int, tuple] = {}
         self.owners: list[tuple[nn.Module, list[str]]] = []
         self.layers: list[nn.Module] = []
+        self.use_cache = None
 
     def __enter__(self):
+        config = getattr(self.model, "config", None)
+        if getattr(config, "use_cache", False):
+            # A transformers model given through the Python API may keep its KV cache on (the loader
+            # turns it off): each forward would then build a cache nothing reads, and a checkpointed
+            # layer's recomputation would append its keys to it a second time.
+            self.use_cache, config.use_cache = True, False
         modules = dict(self.model.named_modules())
         holders = {}  # a weight tied to others (an LM head and its embedding) is gated wherever it is used
         for mod in modules.values():
@@ -150,6 +157,8 @@ class _WeightGates:
         return self
 
     def __exit__(self, *exc):
+        if self.use_cache:
+            self.model.config.use_cache, self.use_cache = True, None
         for layer in self.layers:
             del layer.forward
         self.layers = []
@@ -222,17 +231,31 @@ class _Gated(nn.Module):
         return self.gates[0]._gate(self.i, w)
 
 
-def objective(name: str, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+# A language model's objective over (tokens, vocabulary) logits is computed in chunks of rows of at
+# most this many elements, each recomputed in the backward pass (torch.utils.checkpoint): the
+# log-softmaxes, probabilities and differences of the whole vocabulary for every token are never held
+# at once. GPT-2 at batch 8 x 128 has 51M logits; those temporaries were 5 copies of them (docs/memory.md).
+OBJECTIVE_CHUNK = 1 << 22
+
+
+def _row_losses(name: str, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     student = student.float()
     if name == "ce":
-        loss = nn.functional.cross_entropy(student, labels)
-    else:
-        ls, lt = torch.log_softmax(student, 1), torch.log_softmax(teacher.float(), 1)
-        if name == "reverse_kl":  # KL(p_sparse || p_dense)
-            loss = (ls.exp() * (ls - lt)).sum(1).mean()
-        else:                     # KL(p_dense || p_sparse)
-            loss = (lt.exp() * (lt - ls)).sum(1).mean()
-    return OBJECTIVE_SCALE[name] * loss
+        return nn.functional.cross_entropy(student, labels, reduction="none")
+    ls, lt = torch.log_softmax(student, 1), torch.log_softmax(teacher.float(), 1)
+    if name == "reverse_kl":  # KL(p_sparse || p_dense)
+        return (ls.exp() * (ls - lt)).sum(1)
+    return (lt.exp() * (lt - ls)).sum(1)  # forward: KL(p_dense || p_sparse)
+
+
+def objective(name: str, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    rows, classes = student.shape
+    step = max(1, OBJECTIVE_CHUNK // max(classes, 1))
+    if rows <= step:
+        return OBJECTIVE_SCALE[name] * _row_losses(name, student, teacher, labels).mean()
+    total = sum(checkpoint(lambda s, t, y: _row_losses(name, s, t, y).sum(), student[i:i + step], teacher[i:i + step],
+                           labels[i:i + step], use_reentrant=False) for i in range(0, rows, step))
+    return OBJECTIVE_SCALE[name] * total / rows
 
 
 def _all_mean(t: torch.Tensor) -> torch.Tensor:
