@@ -55,6 +55,16 @@ from tables import mean_sd  # noqa: E402
 OUT = Path(__file__).parent / "results"
 RECIPES = ["cts", "cts-paper", "imp", "magnitude", "cts-2to4", "magnitude-2to4", "cts-channels",
            "magnitude-channels", "cts-blocks"]
+# Rows for a recipe under other settings (name: (recipe, --set items, applied after the epoch cap)):
+# the defaults a change replaced, so that the change is judged against them in one run.
+VARIANTS = {
+    # `cts` before its search went to lr 0.5, temperature 1, 6 epochs / at least 200 steps
+    "cts-previous": ("cts", ["search.epochs=25", "search.min_steps=0", "search.lr=0.1", "search.temperature=0.6667"]),
+    # `cts` before its step floor went from 200 to 400, and two other candidates tried against it
+    "cts-200steps": ("cts", ["search.min_steps=200"]),
+    "cts-t2/3": ("cts", ["search.min_steps=200", "search.temperature=0.6667"]),
+    "cts-lr0.2": ("cts", ["search.lr=0.2"]),
+}
 FAMILIES = ["resnet-cnn", "depthwise-cnn", "vit", "1d-cnn", "text-bert", "crepe-tiny"]
 FIELDS = ["family", "recipe", "seed", "status", "exit", "dense_accuracy", "onnx_accuracy", "drop", "macs_ratio",
           "sparsity", "seconds", "cap", "reason"]
@@ -269,7 +279,8 @@ def run_one(family: str, name: str, seed: int, job_kwargs: dict, work: Path, cap
     t = time.perf_counter()
     row = {"family": family, "recipe": name, "seed": seed, "cap": cap}
     try:
-        recipe = recipes.resolve(name, capped(name, cap) + QUICK)
+        base, sets = VARIANTS.get(name, (name, []))
+        recipe = recipes.resolve(base, capped(base, cap) + sets + QUICK)
         rep = compress(Job(recipe=recipe, out=out, seed=seed, force=True, device="cpu", ui=UI(quiet=True),
                            **job_kwargs))
         dense, onnx = rep["accuracy"]["dense"], rep["accuracy"]["onnx"]
@@ -301,7 +312,7 @@ def label(row: dict) -> str:
 
 def labels(rows: list[dict]) -> list[str]:
     have = {label(r) for r in rows}
-    return [x for name in RECIPES for x in (name, name + " (no cap)") if x in have]
+    return [x for name in RECIPES + list(VARIANTS) for x in (name, name + " (no cap)") if x in have]
 
 
 def table(rows: list[dict]) -> str:
@@ -378,7 +389,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--families", nargs="+", default=FAMILIES, choices=FAMILIES)
-    p.add_argument("--recipes", nargs="+", default=RECIPES, choices=RECIPES)
+    p.add_argument("--recipes", nargs="+", default=RECIPES, choices=RECIPES + list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--cap", type=int, default=5, help="cap on every epoch count of every recipe (0: none; "
                    "such rows are their own line in the table)")
