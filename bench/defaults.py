@@ -64,6 +64,10 @@ VARIANTS = {
     "cts-200steps": ("cts", ["search.min_steps=200"]),
     "cts-t2/3": ("cts", ["search.min_steps=200", "search.temperature=0.6667"]),
     "cts-lr0.2": ("cts", ["search.lr=0.2"]),
+    # the gates start from each weight's magnitude rank (search.prior): a candidate for `cts` (it lost),
+    # and `cts-2to4` before it took the prior
+    "cts-prior": ("cts", ["search.prior=magnitude"]),
+    "cts-2to4-noprior": ("cts-2to4", ["search.prior=none"]),
 }
 FAMILIES = ["resnet-cnn", "depthwise-cnn", "vit", "1d-cnn", "text-bert", "crepe-tiny"]
 FIELDS = ["family", "recipe", "seed", "status", "exit", "dense_accuracy", "onnx_accuracy", "drop", "macs_ratio",

@@ -53,7 +53,7 @@ OUT = ROOT / "bench" / "results"
 # setting -> (built-in recipe of the structure, its --set items, methods compared)
 SETTINGS = {
     "unstructured-50": ("cts", ["search.sparsity=0.5"], ["cts", "wanda", "sparsegpt", "magnitude"]),
-    "2:4": ("cts-2to4", [], ["cts", "wanda", "sparsegpt", "magnitude"]),  # + CTS_WEIGHTS for cts
+    "2:4": ("cts-2to4", [], ["cts", "wanda", "sparsegpt", "magnitude"]),
     "channels-1.5x": ("cts-channels", ["search.target_speedup=1.5"], ["cts", "wanda", "magnitude"]),
     "channels-2x": ("cts-channels", ["search.target_speedup=2.0"], ["cts", "wanda", "magnitude"]),
     "blocks-1.5x": ("cts-blocks", ["search.target_speedup=1.5"], ["cts", "similarity"]),
@@ -74,8 +74,6 @@ FINETUNE = ["finetune.epochs=2", "finetune.optimizer=adamw", "finetune.lr=0.001"
 # times), whatever its recipe's epochs; the structure's recipe's other keys. On the Llama at 2:4, 60
 # steps at the recipe's lr 0.1 gave perplexity 61.2, 200 steps at lr 0.5 48.5 (magnitude: 43.0).
 CTS_SEARCH = ["search.steps=200", "search.min_steps=0", "search.batch_size=16"]
-# 2:4 searches weights as `cts` does: the `cts` recipe's lr and temperature (cts-2to4 has lr 0.1).
-CTS_WEIGHTS = ["search.lr=0.5", "search.temperature=1.0"]
 # The one-shot methods calibrate on every train window: the same data CTS searches on.
 CALIBRATION = [f"search.calibration_samples={N_TRAIN}"]
 # Latency: one batch size, timed briefly; the speed-up budgets are taken at it.
@@ -135,7 +133,6 @@ def command(folder: Path, data: Path, setting: str, method: str, seed: int, out:
     recipe, sets, _ = SETTINGS[setting]
     items = [f"search.method={method}", *sets, *FINETUNE, *TIMING]
     items += CTS_SEARCH if method == "cts" else CALIBRATION if method in CALIBRATED else []
-    items += CTS_WEIGHTS if method == "cts" and recipe == "cts-2to4" else []
     return [sys.executable, "-m", "ticketforge", "compress", str(folder), "--data", str(data), "--recipe", recipe,
             "--seed", str(seed), "--out", str(out), "--force", "--device", "cpu",
             *[a for item in items for a in ("--set", item)]]
@@ -269,7 +266,7 @@ def write(rows: list[dict], dense: dict, out: Path) -> None:
     json_path = out.with_suffix(".json")
     payload = {"rows": rows, "dense": dense, "settings": {k: {"recipe": v[0], "sets": v[1], "methods": v[2]}
                                                           for k, v in SETTINGS.items()},
-               "finetune": FINETUNE, "cts_search": CTS_SEARCH, "cts_weights": CTS_WEIGHTS, "calibration": CALIBRATION,
+               "finetune": FINETUNE, "cts_search": CTS_SEARCH, "calibration": CALIBRATION,
                "timing": TIMING, "n_train": N_TRAIN, "n_val": N_VAL}
     if json_path.exists():  # keep the dense models of other families
         payload["dense"] = {**json.loads(json_path.read_text()).get("dense", {}), **dense}

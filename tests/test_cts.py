@@ -284,7 +284,7 @@ def test_cts_reports_where_and_why_it_stopped(make_ctx):
     assert res.info["max_steps"] == 3 * 4  # 64 samples, batch 16: the cap is search.epochs
     off = structures.find_ticket(make_ctx(["search.epochs=3", "search.min_steps=0", "search.stop_overlap=1"]))
     assert "stop" not in off.info and off.info["steps"] == 12
-    # a small data set's few epochs are lengthened to search.min_steps (the recipe's 200)
+    # a small data set's few epochs are lengthened to search.min_steps (the recipe's 400)
     floor = structures.find_ticket(make_ctx(["search.epochs=3", "search.stop_overlap=1", "search.min_steps=20"]))
     assert floor.info["steps"] == floor.info["max_steps"] == 20
 
@@ -421,3 +421,41 @@ def test_staged_cts_hits_the_sparsity_exactly_and_only_narrows(make_ctx, start, 
     assert all((m.reshape(m.shape[0], -1).sum(1) >= 1).all() for m in res.mask.values())
     if start == "rewind":
         assert res.schedule.start_epoch == 1  # retrained from the rewind weights, not the stage-tuned ones
+
+
+def test_magnitude_prior_starts_each_gate_at_its_magnitude_quantile():
+    from ticketforge.search.cts import magnitude_prior
+
+    w = {"a": torch.tensor([[0.1, 3.0], [0.5, 2.0]]), "b": torch.tensor([1e-4, 2e-4, 5e-5, 3e-4])}
+    logits = magnitude_prior(0.5, w)
+    # at density 0.5 the keep probability is the quantile (rank + 0.5) / n, whatever the layer's scale
+    assert torch.allclose(torch.sigmoid(logits["a"]), torch.tensor([[0.125, 0.875], [0.375, 0.625]]))
+    assert torch.allclose(torch.sigmoid(logits["b"]), torch.tensor([0.375, 0.625, 0.125, 0.875]))
+    # a lower density shifts every logit by the same amount
+    low = magnitude_prior(0.1, w)
+    assert torch.allclose(low["a"] - logits["a"], torch.full((2, 2), math.log(0.1 / 0.9)))
+
+
+def test_cts_with_a_magnitude_prior_and_no_search_keeps_each_layers_largest_weights(make_ctx):
+    """search.prior=magnitude with a search too short to move the logits: the ticket is layer-wise
+    magnitude pruning (each layer's top weights, every layer at about the target density)."""
+    ctx = make_ctx(["search.prior=magnitude", "search.steps=1", "search.min_steps=0", "search.lr=1e-6",
+                    "search.sparsity=0.8"])
+    weights = {n: w.detach().abs().clone() for n, w in prunable(ctx.model).items()}
+    res = structures.find_ticket(ctx)
+    for n, w in weights.items():
+        kept = res.mask[n]
+        if 0 < int(kept.sum()) < w.numel():
+            assert float(w[kept].min()) >= float(w[~kept].max()) - 1e-12, n
+        assert abs(float(kept.float().mean()) - 0.2) < 0.05, n
+    plain = structures.find_ticket(make_ctx(["search.steps=1", "search.min_steps=0", "search.lr=1e-6",
+                                             "search.sparsity=0.8"]))
+    assert any(not torch.equal(plain.mask[n], res.mask[n]) for n in weights)
+
+
+def test_prior_is_a_cts_key():
+    from ticketforge import recipe as recipes
+
+    assert recipes.resolve("cts-2to4", ["search.prior=magnitude"]).search.prior == "magnitude"
+    with pytest.raises(UserError, match="prior"):
+        recipes.resolve("magnitude", ["search.prior=magnitude"])

@@ -56,6 +56,10 @@ class SearchConfig:
     batch_size: int = opt(128, "batch size of the search", lo=1)
     objective: str = opt("reverse_kl", "CTS objective", choices=["reverse_kl", "forward_kl", "ce"])
     temperature: float = opt(2 / 3, "CTS Binary Concrete temperature", lo=0.0, lo_open=True)
+    prior: str = opt("none", "CTS: where the gate logits start. none: every gate at the target density (the "
+                     "paper); magnitude: shifted by each unit's magnitude rank within its layer (logit of the rank's "
+                     "quantile), so the search starts from a magnitude ticket and refines it",
+                     choices=["none", "magnitude"])
     balance: str = opt("gradbalance", "CTS sparsity control", choices=["gradbalance", "lagrange"])
     budget_slack: float = opt(1.1, "CTS: the balance aims at this multiple of the kept budget", lo=1.0)
     scope: str = opt("lamp", "magnitude: how weights of different layers compare. lamp: each weight's share of "

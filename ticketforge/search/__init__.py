@@ -15,8 +15,8 @@ from ticketforge.registry import Registry
 # Keys of the `search` section every method reads; the structure's budget keys come on top
 # (ticketforge.structures).
 COMMON_KEYS = ("method", "start", "sanity")
-CTS_KEYS = ("epochs", "steps", "min_steps", "lr", "batch_size", "objective", "temperature", "balance", "budget_slack",
-            "stop_overlap", "stop_window", "check_every")
+CTS_KEYS = ("epochs", "steps", "min_steps", "lr", "batch_size", "objective", "temperature", "prior", "balance",
+            "budget_slack", "stop_overlap", "stop_window", "check_every")
 CTS_WEIGHT_KEYS = CTS_KEYS + ("stages", "stage_epochs", "min_per_output", "checkpoint")  # `cts` only (search/cts.py)
 ALL_STARTS = ("trained", "rewind", "init")
 CALIBRATION_KEYS = ("calibration_samples", "batch_size")  # one-shot methods' calibration data (search/calibration.py)

@@ -527,11 +527,30 @@ def concrete_search(ctx: SearchContext, logits: dict[str, torch.Tensor], costs: 
     return {n: a.detach() for n, a in zip(names, params)}, info
 
 
-def weight_logits(model: nn.Module, density: float) -> dict[str, torch.Tensor]:
-    """a = log(k / (1 - k)) for every prunable weight, k the target density."""
+def weight_logits(model: nn.Module, density: float, prior: str = "none") -> dict[str, torch.Tensor]:
+    """a = log(k / (1 - k)) for every prunable weight, k the target density; with search.prior
+    magnitude, plus each weight's magnitude prior (`magnitude_prior`)."""
+    weights = prunable(model)
+    if prior == "magnitude":
+        return magnitude_prior(density, {n: w.detach().abs() for n, w in weights.items()})
     k = min(max(density, 1e-6), 1 - 1e-6)
-    init = math.log(k / (1 - k))
-    return {n: torch.full_like(w, init, dtype=torch.float32) for n, w in prunable(model).items()}
+    return {n: torch.full_like(w, math.log(k / (1 - k)), dtype=torch.float32) for n, w in weights.items()}
+
+
+def magnitude_prior(density: float, magnitude: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Gate logits that start from a magnitude ticket: logit(k) + logit(q), q the quantile of the
+    unit's magnitude within its tensor ((rank + 0.5) / n). At k = 0.5 a unit's keep probability is
+    its quantile; GRADBALANCE then brings the expected density to the budget. Ranks, not values: a
+    layer's scale does not matter, and the prior is bounded (|logit(q)| <= log(2n))."""
+    k = min(max(density, 1e-6), 1 - 1e-6)
+    out = {}
+    for n, m in magnitude.items():
+        flat = m.detach().float().reshape(-1)
+        rank = torch.empty_like(flat)
+        rank[flat.argsort()] = torch.arange(flat.numel(), dtype=torch.float32, device=flat.device)
+        q = (rank + 0.5) / flat.numel()
+        out[n] = (math.log(k / (1 - k)) + torch.log(q / (1 - q))).reshape(m.shape).cpu()
+    return out
 
 
 def stage_plan(total: int, sparsity: float, stages: int) -> list[int]:
@@ -584,7 +603,7 @@ def cts(ctx: SearchContext) -> SearchResult:
     costs = {n: torch.ones((), dtype=torch.float32) for n in weights}
     plan = stage_plan(total, sparsity, cfg.stages)
     if len(plan) == 1:
-        logits = weight_logits(ctx.model, 1 - sparsity)
+        logits = weight_logits(ctx.model, 1 - sparsity, cfg.prior)
         trained, info = concrete_search(ctx, logits, costs, float(keep), None, keep=keep)
         mask = topk_with_floor(trained, keep, cfg.min_per_output)
         info.update({"method": "cts", "kept": mask.kept, "total": total, **start.info})
@@ -650,8 +669,11 @@ def score_units(ctx: SearchContext, units: Units) -> tuple[dict[str, torch.Tenso
     if isinstance(ctx.model, torch.jit.ScriptModule):
         raise UserError("CTS needs an eager nn.Module (it substitutes masked weights in the forward); "
                         "give a state_dict with --arch instead of a TorchScript archive")
-    k = min(max(units.density, 1e-6), 1 - 1e-6)
-    logits = {n: torch.full(tuple(shape), math.log(k / (1 - k))) for n, shape in units.shapes.items()}
+    if ctx.recipe.search.prior == "magnitude" and units.magnitude is not None:
+        logits = magnitude_prior(units.density, units.magnitude())
+    else:
+        k = min(max(units.density, 1e-6), 1 - 1e-6)
+        logits = {n: torch.full(tuple(shape), math.log(k / (1 - k))) for n, shape in units.shapes.items()}
     trained, info = concrete_search(dataclasses.replace(ctx, model=units.model), logits, units.costs, units.kept,
                                     units.apply, desc=f"search (CTS, {units.label or units.kind})")
     info["method"] = "cts"
