@@ -64,18 +64,14 @@ def build(name: str):
                            attention_probs_dropout_prob=0.1, max_position_embeddings=512, type_vocab_size=2,
                            initializer_range=0.02, layer_norm_eps=1e-12, pad_token_id=0, num_labels=10)
         return T.BertForSequenceClassification(cfg)
-    if name == "gpt2":  # gpt2's config.json
+    if name in ("gpt2", "gpt2-lm"):  # gpt2's config.json; gpt2-lm is gpt2 itself, the causal LM (tied head)
+        head = {"num_labels": 10, "pad_token_id": 50256} if name == "gpt2" else {"use_cache": False}
         cfg = T.GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
                            activation_function="gelu_new", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
                            layer_norm_epsilon=1e-5, initializer_range=0.02, bos_token_id=50256,
-                           eos_token_id=50256, pad_token_id=50256, num_labels=10)
-        return hf.linear_layers(T.GPT2ForSequenceClassification(cfg))
-    if name == "gpt2-lm":  # gpt2 itself: the causal LM, next-token logits over 50257 tokens, tied head
-        cfg = T.GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
-                           activation_function="gelu_new", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
-                           layer_norm_epsilon=1e-5, initializer_range=0.02, bos_token_id=50256,
-                           eos_token_id=50256, use_cache=False)
-        return hf.linear_layers(T.GPT2LMHeadModel(cfg))
+                           eos_token_id=50256, **head)
+        cls = T.GPT2ForSequenceClassification if name == "gpt2" else T.GPT2LMHeadModel
+        return hf.linear_layers(cls(cfg))
     raise SystemExit(f"unknown model {name}")
 
 

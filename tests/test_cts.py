@@ -424,7 +424,10 @@ def test_staged_cts_hits_the_sparsity_exactly_and_only_narrows(make_ctx, start, 
 
 
 def test_magnitude_prior_starts_each_gate_at_its_magnitude_quantile():
-    from ticketforge.search.cts import magnitude_prior
+    from ticketforge.search.cts import start_logits
+
+    def magnitude_prior(density, w):
+        return start_logits(density, {n: t.shape for n, t in w.items()}, w)
 
     w = {"a": torch.tensor([[0.1, 3.0], [0.5, 2.0]]), "b": torch.tensor([1e-4, 2e-4, 5e-5, 3e-4])}
     logits = magnitude_prior(0.5, w)
@@ -459,3 +462,27 @@ def test_prior_is_a_cts_key():
     assert recipes.resolve("cts-2to4", ["search.prior=magnitude"]).search.prior == "magnitude"
     with pytest.raises(UserError, match="prior"):
         recipes.resolve("magnitude", ["search.prior=magnitude"])
+
+
+def test_a_magnitude_prior_on_units_without_a_magnitude_is_refused(make_ctx):
+    import dataclasses
+
+    from ticketforge import recipe as recipes
+
+    ctx = make_ctx()
+    ctx = dataclasses.replace(ctx, recipe=recipes.resolve("cts-blocks", ["search.prior=magnitude", "search.steps=2"]))
+    with pytest.raises(UserError, match="prior"):
+        structures.find_ticket(ctx)
+
+
+def test_staged_cts_starts_each_stage_from_the_prior(make_ctx):
+    """With a search too short to move the logits, every stage keeps each layer's largest weights."""
+    ctx = make_ctx(["search.stages=2", "search.stage_epochs=0", "search.prior=magnitude", "search.steps=2",
+                    "search.min_steps=0", "search.lr=1e-6", "search.sparsity=0.8"])
+    weights = {n: w.detach().abs().clone() for n, w in prunable(ctx.model).items()}
+    res = structures.find_ticket(ctx)
+    assert res.mask.kept == round(0.2 * sum(w.numel() for w in weights.values()))
+    for n, w in weights.items():
+        kept = res.mask[n]
+        if 0 < int(kept.sum()) < w.numel():
+            assert float(w[kept].min()) >= float(w[~kept].max()) - 1e-12, n

@@ -527,30 +527,33 @@ def concrete_search(ctx: SearchContext, logits: dict[str, torch.Tensor], costs: 
     return {n: a.detach() for n, a in zip(names, params)}, info
 
 
-def weight_logits(model: nn.Module, density: float, prior: str = "none") -> dict[str, torch.Tensor]:
-    """a = log(k / (1 - k)) for every prunable weight, k the target density; with search.prior
-    magnitude, plus each weight's magnitude prior (`magnitude_prior`)."""
-    weights = prunable(model)
-    if prior == "magnitude":
-        return magnitude_prior(density, {n: w.detach().abs() for n, w in weights.items()})
+def start_logits(density: float, shapes: dict[str, tuple], magnitude: dict[str, torch.Tensor] | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """Where the gate logits start: a = logit(k) for every gate, k the target density (search.prior
+    none, the paper's start); with `magnitude` (search.prior magnitude), logit(k) + logit(q), q the
+    quantile of the unit's magnitude within its tensor ((rank + 0.5) / n), so the search refines a
+    magnitude ticket. At k = 0.5 a unit's keep probability is then its quantile; GRADBALANCE brings
+    the expected density to the budget. Ranks, not values: a layer's scale does not matter, and the
+    prior is bounded (|logit(q)| <= log(2n))."""
     k = min(max(density, 1e-6), 1 - 1e-6)
-    return {n: torch.full_like(w, math.log(k / (1 - k)), dtype=torch.float32) for n, w in weights.items()}
-
-
-def magnitude_prior(density: float, magnitude: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Gate logits that start from a magnitude ticket: logit(k) + logit(q), q the quantile of the
-    unit's magnitude within its tensor ((rank + 0.5) / n). At k = 0.5 a unit's keep probability is
-    its quantile; GRADBALANCE then brings the expected density to the budget. Ranks, not values: a
-    layer's scale does not matter, and the prior is bounded (|logit(q)| <= log(2n))."""
-    k = min(max(density, 1e-6), 1 - 1e-6)
+    base = math.log(k / (1 - k))
+    if magnitude is None:
+        return {n: torch.full(tuple(shape), base) for n, shape in shapes.items()}
     out = {}
     for n, m in magnitude.items():
         flat = m.detach().float().reshape(-1)
         rank = torch.empty_like(flat)
         rank[flat.argsort()] = torch.arange(flat.numel(), dtype=torch.float32, device=flat.device)
         q = (rank + 0.5) / flat.numel()
-        out[n] = (math.log(k / (1 - k)) + torch.log(q / (1 - q))).reshape(m.shape).cpu()
+        out[n] = (base + torch.log(q / (1 - q))).reshape(m.shape).cpu()
     return out
+
+
+def weight_logits(model: nn.Module, density: float, prior: str = "none") -> dict[str, torch.Tensor]:
+    """`start_logits` for one gate per prunable weight of `model` (search.prior: none or magnitude)."""
+    weights = prunable(model)
+    magnitude = {n: w.detach().abs() for n, w in weights.items()} if prior == "magnitude" else None
+    return start_logits(density, {n: tuple(w.shape) for n, w in weights.items()}, magnitude)
 
 
 def stage_plan(total: int, sparsity: float, stages: int) -> list[int]:
@@ -633,11 +636,9 @@ def _staged(ctx: SearchContext, start, plan: list[int], weights, costs, total: i
     mask, stages, t0 = None, [], time.perf_counter()
     for i, kept in enumerate(plan):
         live = total if mask is None else mask.kept
-        k = min(max(kept / live, 1e-6), 1 - 1e-6)
-        init = math.log(k / (1 - k))
-        logits = {n: torch.full_like(w, init, dtype=torch.float32) if mask is None else
-                  torch.where(mask[n].to(w.device), torch.full_like(w, init, dtype=torch.float32),
-                              torch.full_like(w, -30.0, dtype=torch.float32)) for n, w in weights.items()}
+        logits = weight_logits(ctx.model, kept / live, cfg.prior)
+        if mask is not None:  # the pruned weights' gates stay shut
+            logits = {n: torch.where(mask[n].cpu(), a, torch.full_like(a, -30.0)) for n, a in logits.items()}
         trained, info = concrete_search(sctx, logits, costs, float(kept), None, keep=kept,
                                         desc=f"search (CTS stage {i + 1}/{len(plan)})")
         mask = topk_with_floor(trained, kept, cfg.min_per_output, allowed=mask)
@@ -669,11 +670,13 @@ def score_units(ctx: SearchContext, units: Units) -> tuple[dict[str, torch.Tenso
     if isinstance(ctx.model, torch.jit.ScriptModule):
         raise UserError("CTS needs an eager nn.Module (it substitutes masked weights in the forward); "
                         "give a state_dict with --arch instead of a TorchScript archive")
-    if ctx.recipe.search.prior == "magnitude" and units.magnitude is not None:
-        logits = magnitude_prior(units.density, units.magnitude())
-    else:
-        k = min(max(units.density, 1e-6), 1 - 1e-6)
-        logits = {n: torch.full(tuple(shape), math.log(k / (1 - k))) for n, shape in units.shapes.items()}
+    magnitude = None
+    if ctx.recipe.search.prior == "magnitude":
+        if units.magnitude is None:
+            raise UserError(f"search.prior=magnitude: the {units.label or units.kind} units have no magnitude to start "
+                            "from; use search.prior=none")
+        magnitude = units.magnitude()
+    logits = start_logits(units.density, units.shapes, magnitude)
     trained, info = concrete_search(dataclasses.replace(ctx, model=units.model), logits, units.costs, units.kept,
                                     units.apply, desc=f"search (CTS, {units.label or units.kind})")
     info["method"] = "cts"
